@@ -1,0 +1,138 @@
+// Python bindings of the CPU kernels (module fusedopt._C). Takes the tables as NumPy
+// arrays and device scalars as raw addresses; the only file of the CPU build that sees
+// pybind11.
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/dispatch.h"
+
+namespace py = pybind11;
+using namespace fusedopt;
+using namespace fusedopt::cpu;
+
+namespace {
+
+using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+DType to_dtype(int code, const char* what) {
+  if (code < 0 || code > 2) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
+  return DType(code);
+}
+
+StepCall make_call(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
+                   int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef,
+                   int num_threads) {
+  if (table.ndim() != 2 || table.shape(1) != kNumTableColumns)
+    throw std::invalid_argument("fusedopt: table must be (n_tensors, " + std::to_string(kNumTableColumns) + ")");
+  if (groups.ndim() != 2 || groups.shape(1) != kNumGroupFields)
+    throw std::invalid_argument("fusedopt: groups must be (n_groups, " + std::to_string(kNumGroupFields) + ")");
+  if (precision < 0 || precision > 3) throw std::invalid_argument("fusedopt: bad precision code");
+  StepCall call;
+  call.table = table.data();
+  call.n_tensors = table.shape(0);
+  call.groups = groups.data();
+  call.n_groups = groups.shape(0);
+  for (int64_t t = 0; t < call.n_tensors; ++t) {
+    int64_t g = call.table[t * kNumTableColumns + kColGroup];
+    if (g < 0 || g >= call.n_groups) throw std::invalid_argument("fusedopt: table row names a missing group");
+  }
+  call.param_dtype = to_dtype(param_dtype, "params");
+  call.state_dtype = to_dtype(state_dtype, "state");
+  call.precision = Precision(precision);
+  call.variant = variant;
+  call.scalars.grad_scale = reinterpret_cast<const float*>(grad_scale);
+  call.scalars.found_inf = reinterpret_cast<const float*>(found_inf);
+  call.scalars.clip_coef = reinterpret_cast<const float*>(clip_coef);
+  call.num_threads = num_threads > 0 ? num_threads : 1;
+  return call;
+}
+
+template <void (*KernelTable::*Fn)(const StepCall&)>
+void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
+              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int num_threads) {
+  StepCall call = make_call(table, groups, param_dtype, state_dtype, precision, variant, grad_scale, found_inf,
+                            clip_coef, num_threads);
+  py::gil_scoped_release release;
+  (active_kernels().*Fn)(call);
+}
+
+double sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int num_threads) {
+  if (ptrs.ndim() != 1 || numels.ndim() != 1 || ptrs.shape(0) != numels.shape(0))
+    throw std::invalid_argument("fusedopt: ptrs and numels must be 1-d and of equal length");
+  ReduceCall call;
+  call.ptrs = ptrs.data();
+  call.numels = numels.data();
+  call.n_tensors = ptrs.shape(0);
+  call.dtype = to_dtype(dtype, "sum_squares");
+  call.num_threads = num_threads > 0 ? num_threads : 1;
+  py::gil_scoped_release release;
+  return active_kernels().sum_squares(call);
+}
+
+// The per-step part of the pointer table: re-reads every param's address and its grad's
+// address, dtype and contiguity in one C loop (the per-tensor Python attribute calls are
+// what dominates a step of many small tensors). Returns -1 when every row is still valid
+// and its grad column is filled, else the first row that needs the slow path (param
+// storage moved, grad missing, of another dtype, or not contiguous); the table is then
+// partly written and must not be used.
+int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Array& table) {
+  static PyObject* s_grad = PyUnicode_InternFromString("grad");
+  static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
+  static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  if (table.ndim() != 2 || table.shape(0) != n || table.shape(1) != kNumTableColumns)
+    throw std::invalid_argument("fusedopt: table does not match the params");
+  int64_t* rows = table.mutable_data();
+  auto call_int = [](PyObject* obj, PyObject* name, long long* out) {
+    PyObject* r = PyObject_CallMethodNoArgs(obj, name);
+    if (r == nullptr) return false;
+    *out = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    return !(*out == -1 && PyErr_Occurred());
+  };
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(params.ptr(), i);
+    long long ptr;
+    if (!call_int(p, s_data_ptr, &ptr) || ptr != rows[i * kNumTableColumns + kColParam]) return PyErr_Clear(), i;
+    PyObject* g = PyObject_GetAttr(p, s_grad);
+    if (g == nullptr) return PyErr_Clear(), i;
+    bool ok = g != Py_None;
+    if (ok) {
+      PyObject* gd = PyObject_GetAttr(g, s_dtype);
+      ok = gd == dtype.ptr();
+      Py_XDECREF(gd);
+    }
+    long long gptr = 0, contiguous = 0;
+    ok = ok && call_int(g, s_is_contiguous, &contiguous) && contiguous == 1 && call_int(g, s_data_ptr, &gptr);
+    Py_DECREF(g);
+    if (!ok) return PyErr_Clear(), i;
+    rows[i * kNumTableColumns + kColGrad] = gptr;
+  }
+  return -1;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedopt CPU kernels: multi-tensor optimizer steps over raw pointer tables";
+  auto step_args = [](const char* variant) {
+    return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
+                           py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0,
+                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("num_threads") = 1);
+  };
+  std::apply([&](auto... a) { m.def("adam_step", &run_step<&KernelTable::adam_step>, a...); }, step_args("amsgrad"));
+  std::apply([&](auto... a) { m.def("sgd_step", &run_step<&KernelTable::sgd_step>, a...); }, step_args("momentum"));
+  m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("num_threads") = 1,
+        "Sum of squares (float64 accumulation) over a list of tensors.");
+  m.def("refresh_grads", &refresh_grads, py::arg("params"), py::arg("dtype"), py::arg("table"),
+        "Refreshes the grad column of a cached pointer table; -1 if valid, else the first stale row.");
+  m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
+  m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+  m.attr("table_columns") = int(kNumTableColumns);
+  m.attr("group_fields") = int(kNumGroupFields);
+}

@@ -1,0 +1,218 @@
+// The CPU kernels. This file is compiled once per instruction set (baseline, AVX2+FMA,
+// AVX-512) into its own namespace, FUSEDOPT_ISA; the compiler auto-vectorizes the inner
+// loops from the shared scalar math, and dispatch.cpp picks a build at import.
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "../fusedopt/adam.h"
+#include "../fusedopt/sgd.h"
+#include "multi_tensor_cpu.h"
+#include "step_call.h"
+
+#ifndef FUSEDOPT_ISA
+#error "FUSEDOPT_ISA must name the instruction-set namespace"
+#endif
+
+namespace fusedopt::cpu::FUSEDOPT_ISA {
+namespace {
+
+template <typename T>
+T* column_ptr(const int64_t* row, int column) {
+  return reinterpret_cast<T*>(row[column]);
+}
+
+// Per-tensor values computed once before the parallel loop.
+template <typename Scalars>
+struct TensorPlan {
+  Scalars scalars;
+  RoundingKeys keys;
+  bool first;
+};
+
+// Reads and advances each tensor's step counter and computes its scalars: a serial pass
+// over tensors (cheap) so the parallel pass is pure streaming.
+template <typename Scalars, typename MakeScalars>
+std::vector<TensorPlan<Scalars>> plan_tensors(const StepCall& call, bool count_steps, MakeScalars make) {
+  std::vector<TensorPlan<Scalars>> plans(size_t(call.n_tensors));
+  for (int64_t t = 0; t < call.n_tensors; ++t) {
+    const int64_t* row = call.table + t * kNumTableColumns;
+    const double* group = call.groups + row[kColGroup] * kNumGroupFields;
+    float* step_ptr = column_ptr<float>(row, kColStep);
+    double step = 0.0;
+    if (count_steps && step_ptr != nullptr) {
+      *step_ptr += 1.0f;
+      step = *step_ptr;
+    }
+    const float* lr_ptr = column_ptr<const float>(row, kColLr);
+    double lr = lr_ptr != nullptr ? double(*lr_ptr) : group[kGroupLr];
+    plans[t].scalars = make(group, lr, step);
+    plans[t].keys = rounding_keys(uint64_t(row[kColSeed]), row[kColParamIndex], int64_t(step));
+    plans[t].first = (row[kColFlags] & kFlagFirstStep) != 0;
+  }
+  return plans;
+}
+
+// 1 / grad_scale * clip_coef, or nothing to do at all when found_inf is set.
+bool read_unscale(const StepScalars& s, float* unscale) {
+  if (s.found_inf != nullptr && *s.found_inf != 0.0f) return false;
+  float f = 1.0f;
+  if (s.grad_scale != nullptr) f = 1.0f / *s.grad_scale;
+  if (s.clip_coef != nullptr) f *= *s.clip_coef;
+  *unscale = f;
+  return true;
+}
+
+std::vector<Chunk> chunks_of(const StepCall& call, int64_t* total) {
+  return make_chunks(call.n_tensors, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; }, total);
+}
+
+template <typename P, typename S, Precision PREC, bool AMSGRAD>
+void adam_loop(const StepCall& call) {
+  float unscale;
+  if (!read_unscale(call.scalars, &unscale)) return;
+  auto plans = plan_tensors<AdamScalars>(call, true, [&](const double* g, double lr, double step) {
+    return adam_scalars(g, lr, step, unscale);
+  });
+  int64_t total;
+  auto chunks = chunks_of(call, &total);
+  for_each_chunk(chunks, total, call.num_threads, [&](const Chunk& c) {
+    const int64_t* row = call.table + c.tensor * kNumTableColumns;
+    P* __restrict__ param = column_ptr<P>(row, kColParam);
+    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad);
+    S* __restrict__ m = column_ptr<S>(row, kColState0);
+    S* __restrict__ v = column_ptr<S>(row, kColState1);
+    S* __restrict__ vmax = column_ptr<S>(row, kColState2);
+    void* __restrict__ extra = column_ptr<void>(row, kColExtra);
+    const AdamScalars s = plans[c.tensor].scalars;
+    const RoundingKeys keys = plans[c.tensor].keys;
+    for (int64_t i = c.begin; i < c.end; ++i)
+      adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys);
+  });
+}
+
+template <typename P, typename S, Precision PREC, bool MOMENTUM>
+void sgd_loop(const StepCall& call) {
+  float unscale;
+  if (!read_unscale(call.scalars, &unscale)) return;
+  // SGD keeps a step only when stochastic rounding needs one to key its random bits.
+  auto plans = plan_tensors<SgdScalars>(call, true, [&](const double* g, double lr, double) {
+    return sgd_scalars(g, lr, unscale);
+  });
+  int64_t total;
+  auto chunks = chunks_of(call, &total);
+  for_each_chunk(chunks, total, call.num_threads, [&](const Chunk& c) {
+    const int64_t* row = call.table + c.tensor * kNumTableColumns;
+    P* __restrict__ param = column_ptr<P>(row, kColParam);
+    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad);
+    S* __restrict__ buf = column_ptr<S>(row, kColState0);
+    void* __restrict__ extra = column_ptr<void>(row, kColExtra);
+    const SgdScalars s = plans[c.tensor].scalars;
+    const RoundingKeys keys = plans[c.tensor].keys;
+    // The first-step flag is hoisted so each loop body stays branch-free.
+    if (plans[c.tensor].first) {
+      for (int64_t i = c.begin; i < c.end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys);
+    } else {
+      for (int64_t i = c.begin; i < c.end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys);
+    }
+  });
+}
+
+// Turns the runtime (param dtype, state dtype, precision, variant) into a template
+// instantiation. Only the combinations the Python layer can ask for are built.
+template <template <typename, typename, Precision, bool> class Kernel>
+void dispatch(const StepCall& call) {
+  using F = float;
+  using B = bf16_t;
+  using H = fp16_t;
+#define FUSEDOPT_VARIANTS(P, S, PREC)                                  \
+  return call.variant ? Kernel<P, S, PREC, true>::run(call) : Kernel<P, S, PREC, false>::run(call)
+  const DType pd = call.param_dtype, sd = call.state_dtype;
+  const Precision pr = call.precision;
+  if (pd == DType::kFloat32 && pr == Precision::kPlain) {
+    if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
+    if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
+  }
+  if (pd == DType::kBFloat16) {
+    if (sd == DType::kFloat32) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, F, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, F, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, F, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, F, Precision::kKahan);
+    }
+    if (sd == DType::kBFloat16) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, B, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, B, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
+    }
+  }
+  if (pd == DType::kFloat16) {
+    if (sd == DType::kFloat32) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, F, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
+    }
+    if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
+  }
+#undef FUSEDOPT_VARIANTS
+  throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");
+}
+
+template <typename P, typename S, Precision PREC, bool V>
+struct AdamKernel {
+  static void run(const StepCall& call) { adam_loop<P, S, PREC, V>(call); }
+};
+template <typename P, typename S, Precision PREC, bool V>
+struct SgdKernel {
+  static void run(const StepCall& call) { sgd_loop<P, S, PREC, V>(call); }
+};
+
+// Sum of squares in double: per-chunk partials in fixed slots, added in chunk order, so the
+// result is the same for any thread count.
+template <typename T>
+double sum_squares_typed(const ReduceCall& call) {
+  int64_t total;
+  auto chunks = make_chunks(call.n_tensors, [&](int64_t t) { return call.numels[t]; }, &total);
+  std::vector<double> partial(chunks.size(), 0.0);
+  for_each_chunk(chunks, total, call.num_threads, [&](const Chunk& c) {
+    const T* __restrict__ x = reinterpret_cast<const T*>(call.ptrs[c.tensor]);
+    // Eight independent accumulators let the compiler vectorize a reduction it may not
+    // reassociate.
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = c.begin;
+    for (; i + 8 <= c.end; i += 8)
+      for (int k = 0; k < 8; ++k) {
+        double v = load_float(x[i + k]);
+        acc[k] += v * v;
+      }
+    for (; i < c.end; ++i) {
+      double v = load_float(x[i]);
+      acc[0] += v * v;
+    }
+    partial[&c - chunks.data()] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  });
+  double sum = 0.0;
+  for (double p : partial) sum += p;
+  return sum;
+}
+
+double sum_squares(const ReduceCall& call) {
+  switch (call.dtype) {
+    case DType::kFloat32: return sum_squares_typed<float>(call);
+    case DType::kBFloat16: return sum_squares_typed<bf16_t>(call);
+    case DType::kFloat16: return sum_squares_typed<fp16_t>(call);
+  }
+  throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
+}
+
+}  // namespace
+
+#define FUSEDOPT_STR2(x) #x
+#define FUSEDOPT_STR(x) FUSEDOPT_STR2(x)
+
+KernelTable kernels() {
+  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch<AdamKernel>(c); },
+          [](const StepCall& c) { dispatch<SgdKernel>(c); }, sum_squares};
+}
+
+}  // namespace fusedopt::cpu::FUSEDOPT_ISA

@@ -1,0 +1,38 @@
+// One call of a CPU kernel: the tables Python packed for a (device, dtype) bucket, plus the
+// call-wide options. Host memory only.
+#pragma once
+#include "../fusedopt/tensor_table.h"
+
+namespace fusedopt::cpu {
+
+struct StepCall {
+  const int64_t* table = nullptr;  // n_tensors x kNumTableColumns
+  int64_t n_tensors = 0;
+  const double* groups = nullptr;  // n_groups x kNumGroupFields
+  int64_t n_groups = 0;
+  DType param_dtype = DType::kFloat32;
+  DType state_dtype = DType::kFloat32;
+  Precision precision = Precision::kPlain;
+  bool variant = false;            // Adam: amsgrad; SGD: momentum != 0
+  StepScalars scalars;
+  int num_threads = 1;
+};
+
+// A reduction over a list of tensors (pointer, numel, dtype).
+struct ReduceCall {
+  const int64_t* ptrs = nullptr;
+  const int64_t* numels = nullptr;
+  int64_t n_tensors = 0;
+  DType dtype = DType::kFloat32;
+  int num_threads = 1;
+};
+
+// Every kernel of one instruction-set build; dispatch.cpp picks one table at import.
+struct KernelTable {
+  const char* isa;
+  void (*adam_step)(const StepCall&);
+  void (*sgd_step)(const StepCall&);
+  double (*sum_squares)(const ReduceCall&);
+};
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,118 @@
+// Adam / AdamW: the scalar update of one element, and the per-element glue that loads it
+// from storage and writes it back under a precision mode. Both backends call
+// `adam_element` in their inner loop; nothing else in the project knows Adam's math.
+#pragma once
+#include <cmath>
+#include "precision.h"
+#include "tensor_table.h"
+
+namespace fusedopt {
+
+// Everything the inner loop needs, computed once per tensor from its group and its step.
+struct AdamScalars {
+  float grad_factor;    // (maximize ? -1 : 1) * clip_coef / grad_scale
+  float coupled_wd;     // L2 term added to the grad (coupled mode), else 0
+  float decay_factor;   // param multiplier before the update (1 - lr*wd | 1 - wd | 1)
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float step_size;      // lr / (1 - beta1^step)
+  float bias_correction2_sqrt;
+  float eps;
+};
+
+// `step` is the step number after this update (1 on the first). Done in double, as torch
+// does these scalars in Python floats.
+FUSEDOPT_HD AdamScalars adam_scalars(const double* group, double lr, double step, float unscale) {
+  AdamScalars s;
+  double beta1 = group[kGroupBeta1], beta2 = group[kGroupBeta2], wd = group[kGroupWeightDecay];
+  int mode = int(group[kGroupWdMode]);
+  s.grad_factor = (group[kGroupMaximize] != 0.0 ? -1.0f : 1.0f) * unscale;
+  s.coupled_wd = mode == int(WeightDecayMode::kCoupled) ? float(wd) : 0.0f;
+  s.decay_factor = mode == int(WeightDecayMode::kDecoupled)     ? float(1.0 - lr * wd)
+                   : mode == int(WeightDecayMode::kIndependent) ? float(1.0 - wd)
+                                                                : 1.0f;
+  s.one_minus_beta1 = float(1.0 - beta1);
+  s.beta2 = float(beta2);
+  s.one_minus_beta2 = float(1.0 - beta2);
+  s.step_size = float(lr / (1.0 - pow(beta1, step)));
+  s.bias_correction2_sqrt = float(sqrt(1.0 - pow(beta2, step)));
+  s.eps = float(group[kGroupEps]);
+  return s;
+}
+
+// torch.maximum semantics: a NaN on either side wins.
+FUSEDOPT_HD float nan_max(float a, float b) { return (b != b || b > a) ? b : a; }
+
+// One element of Adam in fp32 registers, in torch.optim's operation order.
+template <bool AMSGRAD>
+FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
+  g = g * s.grad_factor + s.coupled_wd * p;
+  p = p * s.decay_factor;
+  m = m + s.one_minus_beta1 * (g - m);
+  v = s.beta2 * v + s.one_minus_beta2 * (g * g);
+  float second = v;
+  if (AMSGRAD) {
+    vmax = nan_max(vmax, v);
+    second = vmax;
+  }
+  float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
+  p = p - s.step_size * (m / denom);
+}
+
+// Random keys of one tensor for one step (only read under stochastic rounding).
+struct RoundingKeys {
+  uint32_t param, state0, state1, state2;
+};
+
+FUSEDOPT_HD RoundingKeys rounding_keys(uint64_t seed, int64_t param_index, int64_t step) {
+  return {rng_key(seed, param_index, step, kStreamParam), rng_key(seed, param_index, step, kStreamState0),
+          rng_key(seed, param_index, step, kStreamState1), rng_key(seed, param_index, step, kStreamState2)};
+}
+
+// Stores a state value: stochastically rounded when the step uses stochastic rounding.
+template <Precision PREC, typename S>
+FUSEDOPT_HD void store_state(S* dst, float v, uint32_t key, int64_t i) {
+  if (PREC == Precision::kStochastic) store_stochastic(dst, v, random_bits(key, i));
+  else store_nearest(dst, v);
+}
+
+// Loads the fp32 working value of a param under a precision mode.
+template <Precision PREC, typename P>
+FUSEDOPT_HD float load_param(const P* __restrict__ param, const float* __restrict__ master, int64_t i) {
+  return PREC == Precision::kMaster ? master[i] : load_float(param[i]);
+}
+
+// Writes an updated param (and its master copy / compensation) under a precision mode.
+template <Precision PREC, typename P>
+FUSEDOPT_HD void store_param(P* __restrict__ param, void* __restrict__ extra, int64_t i, float old, float updated,
+                             uint32_t key) {
+  if (PREC == Precision::kMaster) {
+    static_cast<float*>(extra)[i] = updated;
+    store_nearest(param + i, updated);
+  } else if (PREC == Precision::kStochastic) {
+    store_stochastic(param + i, updated, random_bits(key, i));
+  } else if (PREC == Precision::kKahan) {
+    store_kahan(param + i, static_cast<P*>(extra) + i, old, updated);
+  } else {
+    store_nearest(param + i, updated);
+  }
+}
+
+template <typename P, typename S, Precision PREC, bool AMSGRAD>
+FUSEDOPT_HD void adam_element(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                              S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq, void* __restrict__ extra,
+                              int64_t i, const AdamScalars& s, const RoundingKeys& keys) {
+  float p = load_param<PREC>(param, static_cast<const float*>(extra), i);
+  float old = p;
+  float m = load_float(exp_avg[i]);
+  float v = load_float(exp_avg_sq[i]);
+  float vmax = AMSGRAD ? load_float(max_exp_avg_sq[i]) : 0.0f;
+  adam_update<AMSGRAD>(p, load_float(grad[i]), m, v, vmax, s);
+  store_state<PREC>(exp_avg + i, m, keys.state0, i);
+  store_state<PREC>(exp_avg_sq + i, v, keys.state1, i);
+  if (AMSGRAD) store_state<PREC>(max_exp_avg_sq + i, vmax, keys.state2, i);
+  store_param<PREC>(param, extra, i, old, p, keys.param);
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,124 @@
+// Element storage types and how an fp32 register value is loaded from and stored to them:
+// round-to-nearest-even, stochastic rounding with a counter-based generator, and Kahan
+// compensation. Written with integer bit operations only, so the CPU loop auto-vectorizes
+// and the CPU and GPU produce identical bits.
+#pragma once
+#include "common.h"
+
+namespace fusedopt {
+
+struct bf16_t { uint16_t bits; };
+struct fp16_t { uint16_t bits; };
+
+template <DType D> struct StorageOf;
+template <> struct StorageOf<DType::kFloat32> { using type = float; };
+template <> struct StorageOf<DType::kBFloat16> { using type = bf16_t; };
+template <> struct StorageOf<DType::kFloat16> { using type = fp16_t; };
+
+// ---- bf16 --------------------------------------------------------------------------------
+FUSEDOPT_HD float load_float(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
+
+FUSEDOPT_HD bf16_t bf16_round_nearest(float f) {
+  uint32_t u = float_bits(f);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  // NaN must stay NaN (the carry could turn it into inf): keep a quiet NaN with its sign.
+  bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return bf16_t{uint16_t(nan ? ((u >> 16) | 0x0040u) : rounded)};
+}
+
+// Adds 16 random bits below the bf16 mantissa and truncates: rounds up with probability
+// equal to the distance from the lower neighbour, so E[round(x)] = x. Non-finite values
+// round to nearest (adding to a NaN/inf payload could carry into the sign).
+FUSEDOPT_HD bf16_t bf16_round_stochastic(float f, uint32_t random) {
+  uint32_t u = float_bits(f);
+  bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  uint32_t sr = (u + (random & 0xFFFFu)) >> 16;
+  return finite ? bf16_t{uint16_t(sr)} : bf16_round_nearest(f);
+}
+
+// ---- fp16 (IEEE half) --------------------------------------------------------------------
+FUSEDOPT_HD float load_float(fp16_t x) {
+  uint32_t h = x.bits;
+  uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t em = (h & 0x7FFFu) << 13;           // exponent+mantissa in fp32 position
+  uint32_t exp = em & 0x0F800000u;
+  float normal = bits_float(em + 0x38000000u);  // rebias 15 -> 127
+  // Subnormals: (em + 1<<23 + rebias) - 2^-14 is exact in fp32.
+  float sub = bits_float(em + 0x38800000u) - bits_float(0x38800000u);
+  uint32_t inf_nan = em + 0x70000000u;          // exponent all ones in fp32
+  uint32_t r = exp == 0x0F800000u ? inf_nan : float_bits(exp == 0 ? sub : normal);
+  return bits_float(r | sign);
+}
+
+FUSEDOPT_HD fp16_t fp16_round_nearest(float f) {
+  uint32_t u = float_bits(f);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7FFFFFFFu;
+  // >= 65520 rounds to inf; NaN keeps a quiet NaN.
+  uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  // Subnormal results: adding 0.5 aligns the mantissa so the FPU's own RNE does the work.
+  float denorm = bits_float(a) + 0.5f;
+  uint32_t sub = float_bits(denorm) - 0x3F000000u;
+  // Normal results: rebias and round to nearest even on the 13 dropped bits.
+  uint32_t odd = (a >> 13) & 1u;
+  uint32_t norm = (a + 0xC8000FFFu + odd) >> 13;  // 0xC8000000 = (15-127)<<23 mod 2^32
+  uint32_t r = a >= 0x477FF000u ? big : (a < 0x38800000u ? sub : norm);
+  return fp16_t{uint16_t(r | sign)};
+}
+
+// ---- counter-based random bits -----------------------------------------------------------
+// A stateless generator: the bits for an element are a hash of (key, element index), where
+// the key mixes (seed, param index, step, stream). No state to save, no dependence on
+// threads or chunking, identical on CPU and GPU. The mixer is Wellons' lowbias32, a
+// bijective 32-bit hash with near-ideal avalanche.
+FUSEDOPT_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16; x *= 0x7FEB352Du;
+  x ^= x >> 15; x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Key for one (seed, param, step, stream) — computed once per tensor, not per element.
+FUSEDOPT_HD uint32_t rng_key(uint64_t seed, int64_t param_index, int64_t step, uint32_t stream) {
+  uint32_t k = mix32(uint32_t(seed) ^ 0x9E3779B9u);
+  k = mix32(k ^ uint32_t(seed >> 32));
+  k = mix32(k ^ uint32_t(param_index));
+  k = mix32(k ^ uint32_t(uint64_t(param_index) >> 32) ^ 0x85EBCA6Bu);
+  k = mix32(k ^ uint32_t(step));
+  k = mix32(k ^ uint32_t(uint64_t(step) >> 32) ^ (stream * 0xC2B2AE35u));
+  return k;
+}
+
+FUSEDOPT_HD uint32_t random_bits(uint32_t key, int64_t index) {
+  uint32_t hi = uint32_t(uint64_t(index) >> 32);
+  return mix32(mix32(uint32_t(index) ^ key) + hi * 0x27D4EB2Fu + key);
+}
+
+// Random streams: each rounded buffer of an element gets independent bits.
+enum RngStream : uint32_t { kStreamParam = 0, kStreamState0 = 1, kStreamState1 = 2, kStreamState2 = 3 };
+
+// ---- load / store ------------------------------------------------------------------------
+FUSEDOPT_HD float load_float(float x) { return x; }
+
+FUSEDOPT_HD void store_nearest(float* dst, float v) { *dst = v; }
+FUSEDOPT_HD void store_nearest(bf16_t* dst, float v) { *dst = bf16_round_nearest(v); }
+FUSEDOPT_HD void store_nearest(fp16_t* dst, float v) { *dst = fp16_round_nearest(v); }
+
+// Stochastic store: only bf16 has a stochastic path; fp32 is exact and fp16 is not offered.
+FUSEDOPT_HD void store_stochastic(float* dst, float v, uint32_t) { *dst = v; }
+FUSEDOPT_HD void store_stochastic(bf16_t* dst, float v, uint32_t r) { *dst = bf16_round_stochastic(v, r); }
+FUSEDOPT_HD void store_stochastic(fp16_t* dst, float v, uint32_t) { *dst = fp16_round_nearest(v); }
+
+// Kahan-compensated write of an updated param: `old` is the value the param held, `updated`
+// the fp32 result, `comp` the running compensation. The part of the update that the
+// rounding drops is carried in comp and added back next step.
+template <typename T>
+FUSEDOPT_HD void store_kahan(T* param, T* comp, float old, float updated) {
+  float delta = (updated - old) + load_float(*comp);
+  float target = old + delta;
+  store_nearest(param, target);
+  float written = load_float(*param);
+  store_nearest(comp, delta - (written - old));
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,50 @@
+// The plain-data interface between the Python layer and both backends. Python packs one
+// int64 row per tensor and one float64 row per param group; the kernels read raw pointers
+// from them. No torch types cross this boundary, so one build serves any torch version.
+#pragma once
+#include "common.h"
+
+namespace fusedopt {
+
+// Columns of the per-tensor table (int64). Pointers are addresses on the tensor's device;
+// an unused state column is 0.
+enum TableColumn : int {
+  kColParam = 0,       // param storage (param dtype)
+  kColGrad = 1,        // grad storage (param dtype)
+  kColState0 = 2,      // exp_avg | momentum_buffer (state dtype)
+  kColState1 = 3,      // exp_avg_sq (state dtype)
+  kColState2 = 4,      // max_exp_avg_sq (state dtype, amsgrad only)
+  kColExtra = 5,       // master_param (fp32) | kahan_comp (bf16)
+  kColStep = 6,        // float32 step counter of this param (read, then incremented)
+  kColNumel = 7,       // element count (int64: tensors may exceed 2^31 elements)
+  kColGroup = 8,       // row of the group table holding this tensor's hyper-parameters
+  kColParamIndex = 9,  // index of the param over all groups: keys stochastic rounding
+  kColFlags = 10,      // kFlagFirstStep: SGD momentum buffer starts as the grad
+  kColLr = 11,         // optional float32* lr on the device (tensor lr); 0 = group lr
+  kColSeed = 12,       // stochastic-rounding seed of the param's group
+  kNumTableColumns = 13,
+};
+
+enum TableFlags : int64_t { kFlagFirstStep = 1 };
+
+// Columns of the per-group table (float64).
+enum GroupField : int {
+  kGroupLr = 0,
+  kGroupBeta1 = 1,        // Adam beta1 | SGD momentum
+  kGroupBeta2 = 2,        // Adam beta2 | SGD dampening
+  kGroupEps = 3,
+  kGroupWeightDecay = 4,
+  kGroupWdMode = 5,       // WeightDecayMode
+  kGroupMaximize = 6,     // 0 or 1
+  kGroupNesterov = 7,     // SGD only
+  kNumGroupFields = 8,
+};
+
+// Per-call device scalars: all optional (nullptr), all float32 on the tensors' device.
+struct StepScalars {
+  const float* grad_scale = nullptr;  // GradScaler scale: grads are divided by it
+  const float* found_inf = nullptr;   // nonzero: the whole step is skipped
+  const float* clip_coef = nullptr;   // global-norm clip factor, already min(1, ...)
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,3 @@
+from ._config import show_config
+
+show_config()

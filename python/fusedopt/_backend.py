@@ -1,0 +1,69 @@
+"""Loads the compiled modules and maps torch/NumPy dtypes to the kernels' dtype codes.
+
+The CPU module `_C` is always built. The CUDA module `_C_cuda` is optional (built only where
+a CUDA compiler was found) and loaded on first use by a CUDA tensor.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it)
+
+from . import _C
+
+# Wire codes of csrc/fusedopt/common.h.
+FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
+PLAIN, MASTER, STOCHASTIC, KAHAN = 0, 1, 2, 3
+COUPLED, DECOUPLED, INDEPENDENT = 0, 1, 2
+WEIGHT_DECAY_MODES = {"coupled": COUPLED, "decoupled": DECOUPLED, "independent": INDEPENDENT}
+
+# Columns of csrc/fusedopt/tensor_table.h.
+(COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_STATE2, COL_EXTRA, COL_STEP, COL_NUMEL, COL_GROUP,
+ COL_PARAM_INDEX, COL_FLAGS, COL_LR, COL_SEED) = range(13)
+TABLE_COLUMNS = 13
+FLAG_FIRST_STEP = 1
+(G_LR, G_BETA1, G_BETA2, G_EPS, G_WEIGHT_DECAY, G_WD_MODE, G_MAXIMIZE, G_NESTEROV) = range(8)
+GROUP_FIELDS = 8
+assert _C.table_columns == TABLE_COLUMNS and _C.group_fields == GROUP_FIELDS, "stale fusedopt._C build"
+
+TORCH_DTYPE_CODES = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}
+NUMPY_DTYPE_CODES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float16): FLOAT16}
+
+_cuda_module = None
+_cuda_error: str | None = None
+
+
+def cuda_module():
+    """The CUDA kernels, or a RuntimeError saying why they are not available."""
+    global _cuda_module, _cuda_error
+    if _cuda_module is None and _cuda_error is None:
+        try:
+            _cuda_module = importlib.import_module("fusedopt._C_cuda")
+        except ImportError as e:
+            _cuda_error = str(e)
+    if _cuda_module is None:
+        raise RuntimeError(
+            "fusedopt was built without its CUDA module (no CUDA compiler at build time, or "
+            f"FUSEDOPT_CUDA=0): {_cuda_error}. Rebuild with nvcc on PATH to optimize CUDA params.")
+    return _cuda_module
+
+
+def cuda_built() -> bool:
+    try:
+        cuda_module()
+        return True
+    except RuntimeError:
+        return False
+
+
+def module_for(device: torch.device):
+    if device.type == "cpu":
+        return _C
+    if device.type == "cuda":
+        return cuda_module()
+    raise ValueError(f"unsupported device {device}")
+
+
+def num_threads() -> int:
+    return torch.get_num_threads()

@@ -1,0 +1,424 @@
+"""The base class of fusedopt's optimizers: validation, lazy state, the pointer-table plan,
+AMP and clipping, and state-dict fidelity. The algorithms (adam.py, sgd.py) only say which
+state they keep, how a group maps to kernel scalars, and which kernel to call."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _backend as B
+from ._plan import Bucket, Plan
+
+_PRECISION_KEYS = ("master_weights", "stochastic_rounding", "kahan_summation")
+_IMPL_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+
+
+def check_lr(lr) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.dtype != torch.float32 and lr.device.type == "cuda":
+            raise ValueError("Tensor lr on CUDA must be float32 (fusedopt reads it in the kernel)")
+        lr_value = float(lr) if lr.device.type == "cpu" else 0.0
+    else:
+        lr_value = lr
+    if not 0.0 <= lr_value:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_weight_decay(weight_decay) -> None:
+    if not 0.0 <= float(weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def precision_defaults(cls_name: str, master_weights=False, stochastic_rounding=False, kahan_summation=False,
+                       state_dtype=None, max_grad_norm=None, seed=None, weight_decay_mode=None,
+                       track_stats=False, **unknown) -> dict:
+    """Validates the precision keywords; returns only those that are on, so a default
+    optimizer's groups (and state dict) carry exactly torch's keys."""
+    if unknown:
+        raise TypeError(f"{cls_name}.__init__() got an unexpected keyword argument '{next(iter(unknown))}'")
+    out: dict[str, Any] = {}
+    modes = [k for k, v in zip(_PRECISION_KEYS, (master_weights, stochastic_rounding, kahan_summation)) if v]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are mutually exclusive: choose one precision path")
+    if modes:
+        out[modes[0]] = True
+    if state_dtype is not None:
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32 or torch.bfloat16)")
+        out["state_dtype"] = state_dtype
+    if max_grad_norm is not None:
+        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (a finite number > 0)")
+        out["max_grad_norm"] = float(max_grad_norm)
+    if stochastic_rounding:
+        if seed is None:
+            seed = torch.initial_seed()
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"Invalid seed value: {seed} (a non-negative int)")
+        out["seed"] = seed % (1 << 63)
+    elif seed is not None:
+        raise ValueError("seed is only used with stochastic_rounding=True")
+    if weight_decay_mode is not None:
+        if weight_decay_mode not in B.WEIGHT_DECAY_MODES:
+            raise ValueError(f"Invalid weight_decay_mode: {weight_decay_mode!r} "
+                             f"(one of {', '.join(map(repr, B.WEIGHT_DECAY_MODES))})")
+        out["weight_decay_mode"] = weight_decay_mode
+    if track_stats:
+        out["track_stats"] = True
+    return out
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Shared machinery; see AdamW / Adam / SGD for the algorithms."""
+
+    _kernel = ""                      # name of the kernel in _C / _C_cuda
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
+
+    def __init__(self, params, defaults: dict, impl: dict):
+        if impl.get("differentiable"):
+            raise ValueError("differentiable=True is not supported by fusedopt (its kernels are not autograd-aware)")
+        super().__init__(params, defaults)
+        self._generation = 0
+        self._plan: Plan | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._saved_state: dict | None = None
+        self.register_load_state_dict_pre_hook(FusedOptimizer._stash_saved_state)
+        self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
+
+    # ---- algorithm hooks (overridden) ------------------------------------------------------
+    def _moment_keys(self, group) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _uses_step(self, group) -> bool:
+        return True
+
+    def _variant(self, group) -> bool:
+        raise NotImplementedError
+
+    def _group_row(self, group, lr: float) -> list[float]:
+        raise NotImplementedError
+
+    def _default_weight_decay_mode(self, group) -> str:
+        raise NotImplementedError
+
+    # ---- groups ----------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        self._check_group_precision(param_group)
+        super().add_param_group(param_group)
+        self._generation = getattr(self, "_generation", 0) + 1
+
+    def _check_group_precision(self, group: dict) -> None:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        get = lambda k: group.get(k, self.defaults.get(k, False))  # noqa: E731
+        modes = [k for k in _PRECISION_KEYS if get(k)]
+        if len(modes) > 1:
+            raise ValueError(f"{' and '.join(modes)} are mutually exclusive: choose one precision path")
+        if modes:
+            allowed = (torch.bfloat16, torch.float16) if modes[0] == "master_weights" else (torch.bfloat16,)
+            for p in params:
+                t = p[1] if isinstance(p, tuple) else p
+                if isinstance(t, torch.Tensor) and t.dtype not in allowed:
+                    raise ValueError(f"{modes[0]}=True needs {' or '.join(map(str, allowed))} params, "
+                                     f"got a {t.dtype} param of shape {tuple(t.shape)}")
+
+    def weight_decay_mode(self, group) -> str:
+        return group.get("weight_decay_mode") or self._default_weight_decay_mode(group)
+
+    # ---- state dict ------------------------------------------------------------------------
+    @staticmethod
+    def _stash_saved_state(optimizer, state_dict):
+        # torch's loader casts floating state to the param's dtype; remember what was saved.
+        optimizer._saved_state = state_dict["state"]
+        optimizer._saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        return None
+
+    @staticmethod
+    def _after_load(optimizer):
+        saved, ids = optimizer._saved_state, optimizer._saved_ids
+        optimizer._saved_state = optimizer._saved_ids = None
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved or p not in optimizer.state:
+                continue
+            state = optimizer.state[p]
+            for key, value in saved[pid].items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                target = p.device if (key != "step" or p.device.type == "cuda") else value.device
+                if key == "step":
+                    state[key] = value.to(device=target, dtype=torch.float32)
+                elif value.dtype != state[key].dtype or state[key].device != target:
+                    state[key] = value.to(device=target)
+        optimizer._generation += 1
+        optimizer._plan = None
+
+    def _param_label(self, gi: int, j: int, p: torch.Tensor) -> str:
+        names = self.param_groups[gi].get("param_names")
+        name = f" '{names[j]}'" if names and j < len(names) else ""
+        return f"param {j}{name} of group {gi} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+
+    # ---- the plan --------------------------------------------------------------------------
+    def _state_dtype(self, group, p, state) -> torch.dtype:
+        existing = [state[k] for k in self._moment_keys(group) if isinstance(state.get(k), torch.Tensor)]
+        if existing:
+            return existing[0].dtype
+        configured = group.get("state_dtype")
+        if configured is not None:
+            return configured
+        return torch.float32 if (p.dtype == torch.float32 or group.get("master_weights")) else p.dtype
+
+    @staticmethod
+    def _precision(group) -> int:
+        if group.get("master_weights"):
+            return B.MASTER
+        if group.get("stochastic_rounding"):
+            return B.STOCHASTIC
+        if group.get("kahan_summation"):
+            return B.KAHAN
+        return B.PLAIN
+
+    def _validate(self, gi, j, p, g, state, group):
+        """Raises for anything the kernels cannot take; returns (state dtype, grad to use)."""
+        label = self._param_label(gi, j, p)
+        if p.is_complex():
+            raise ValueError(f"{label}: complex params are not supported")
+        if p.dtype not in B.TORCH_DTYPE_CODES:
+            raise ValueError(f"{label}: params of dtype {p.dtype} are not supported (float32, bfloat16, float16)")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{label}: device {p.device} is not supported (cpu, cuda)")
+        if p.layout != torch.strided or not _dense(p):
+            raise ValueError(f"{label}: params must be dense in memory (contiguous or a permutation of it)")
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError(f"{label}: sparse gradients are not supported; use a dense grad")
+        if g.dtype != p.dtype:
+            raise ValueError(f"{label}: grad dtype {g.dtype} does not match the param dtype {p.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"{label}: grad is on {g.device}, param on {p.device}")
+        if g.shape != p.shape:
+            raise ValueError(f"{label}: grad shape {tuple(g.shape)} does not match the param")
+        if g.stride() != p.stride() and p.numel() > 1:
+            g = torch.empty_like(p).copy_(g)  # same layout as the param; used for this step only
+        sd = self._state_dtype(group, p, state)
+        precision = self._precision(group)
+        supported = {torch.float32: (torch.float32, torch.bfloat16), torch.bfloat16: (torch.float32, torch.bfloat16),
+                     torch.float16: (torch.float32, torch.float16)}[p.dtype]
+        if sd not in supported:
+            raise ValueError(f"{label}: moments of dtype {sd} are not supported for {p.dtype} params")
+        if precision != B.PLAIN and p.dtype == torch.float32:
+            raise ValueError(f"{label}: precision keywords need bfloat16/float16 params")
+        for k in self._moment_keys(group):
+            t = state.get(k)
+            if isinstance(t, torch.Tensor):
+                if t.shape != p.shape:
+                    raise ValueError(f"{label}: state '{k}' has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                if t.dtype != sd:
+                    raise ValueError(f"{label}: state '{k}' has dtype {t.dtype}, but other moments are {sd}")
+        extra = {B.MASTER: ("master_param", torch.float32), B.KAHAN: ("kahan_comp", p.dtype)}.get(precision)
+        if extra and isinstance(state.get(extra[0]), torch.Tensor):
+            t = state[extra[0]]
+            if t.shape != p.shape or t.dtype != extra[1]:
+                raise ValueError(f"{label}: state '{extra[0]}' has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                                 f"expected {tuple(p.shape)} and {extra[1]}")
+        step = state.get("step")
+        if step is not None and not isinstance(step, (int, float, torch.Tensor)):
+            raise ValueError(f"{label}: state 'step' must be a number or a tensor, got {type(step).__name__}")
+        if isinstance(step, torch.Tensor) and step.numel() != 1:
+            raise ValueError(f"{label}: state 'step' must hold one value, got shape {tuple(step.shape)}")
+        return sd, precision, g
+
+    def _prepare_state(self, group, p, state, sd, precision) -> bool:
+        """Creates missing state and puts existing state in the param's layout/device.
+        Returns True when a momentum-like buffer was created now (SGD's first step)."""
+        created = False
+        for k in self._moment_keys(group):
+            t = state.get(k)
+            if not isinstance(t, torch.Tensor):
+                state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+                created = True
+            elif t.stride() != p.stride() or t.device != p.device:
+                state[k] = torch.empty_like(p, dtype=sd).copy_(t)
+        if self._uses_step(group):
+            step = state.get("step")
+            if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != p.device:
+                value = 0.0 if step is None else float(step)
+                state["step"] = torch.tensor(value, dtype=torch.float32, device=p.device)
+        if precision == B.MASTER and not isinstance(state.get("master_param"), torch.Tensor):
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        if precision == B.KAHAN and not isinstance(state.get("kahan_comp"), torch.Tensor):
+            state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for k in ("master_param", "kahan_comp"):
+            t = state.get(k)
+            if isinstance(t, torch.Tensor) and (t.stride() != p.stride() or t.device != p.device):
+                state[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+        return created
+
+    def _build_plan(self) -> Plan:
+        entries = []
+        without_grad = []
+        index = 0
+        # Pass 1: validate everything; nothing is changed until every param passed.
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                k, index = index, index + 1
+                g = p.grad
+                if g is None:
+                    without_grad.append(p)
+                    continue
+                state = self.state.get(p, {})
+                sd, precision, g = self._validate(gi, j, p, g, state, group)
+                entries.append((gi, j, k, p, g, sd, precision))
+        # Pass 2: lazy state and the tables.
+        buckets: dict[tuple, Bucket] = {}
+        for gi, j, k, p, g, sd, precision in entries:
+            group = self.param_groups[gi]
+            state = self.state[p]
+            first = self._prepare_state(group, p, state, sd, precision)
+            variant = self._variant(group)
+            key = (p.device, p.dtype, sd, precision, variant)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(p.device, p.dtype, sd, precision, variant)
+            moments = [state[m] for m in self._moment_keys(group)]
+            extra = state.get("master_param") if precision == B.MASTER else (
+                state.get("kahan_comp") if precision == B.KAHAN else None)
+            step = state.get("step") if self._uses_step(group) else None
+            row = [0] * B.TABLE_COLUMNS
+            row[B.COL_PARAM] = p.data_ptr()
+            row[B.COL_GRAD] = g.data_ptr()
+            for col, t in zip((B.COL_STATE0, B.COL_STATE1, B.COL_STATE2), moments):
+                row[col] = t.data_ptr()
+            row[B.COL_EXTRA] = extra.data_ptr() if extra is not None else 0
+            row[B.COL_STEP] = step.data_ptr() if step is not None else 0
+            row[B.COL_NUMEL] = p.numel()
+            row[B.COL_GROUP] = gi
+            row[B.COL_PARAM_INDEX] = k
+            row[B.COL_FLAGS] = B.FLAG_FIRST_STEP if first else 0
+            row[B.COL_SEED] = group.get("seed", 0)
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device == p.device and p.device.type == "cuda":
+                b.lr_rows.append((len(b.params), gi))
+            b.params.append(p)
+            b.rows.append(row)
+            b.keepalive += [p.detach(), g, *moments, extra, step]
+        for b in buckets.values():
+            b.freeze()
+        return Plan(self._generation, [g["params"] for g in self.param_groups],
+                    [len(g["params"]) for g in self.param_groups], list(buckets.values()), without_grad)
+
+    def _current_plan(self) -> Plan:
+        plan = self._plan
+        if plan is not None and plan.still_valid(self) and all(b.refresh() for b in plan.buckets):
+            return plan
+        self._plan = None
+        plan = self._build_plan()
+        self._plan = plan
+        return plan
+
+    # ---- the step --------------------------------------------------------------------------
+    def _group_rows(self) -> np.ndarray:
+        rows = []
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr = float(lr) if lr.device.type == "cpu" else 0.0  # CUDA lr is read in the kernel
+            rows.append(self._group_row(group, lr))
+        return np.asarray(rows, dtype=np.float64).reshape(-1, B.GROUP_FIELDS)
+
+    @staticmethod
+    def _on(t: torch.Tensor | None, device: torch.device):
+        if t is None:
+            return None
+        return t if t.device == device else t.to(device, non_blocking=True)
+
+    def _clip_coefficients(self, plan: Plan, grad_scale) -> dict:
+        """Global L2 norm of all grads (all groups and devices) and the clip factor per
+        device, as device tensors: no host sync on CUDA."""
+        max_norm = self.defaults.get("max_grad_norm")
+        sums = []
+        for b in plan.buckets:
+            code = B.TORCH_DTYPE_CODES[b.param_dtype]
+            ptrs = np.ascontiguousarray(b.table[:, B.COL_GRAD])
+            numels = np.ascontiguousarray(b.table[:, B.COL_NUMEL])
+            if b.device.type == "cpu":
+                sums.append(torch.tensor(B._C.sum_squares(ptrs, numels, code, B.num_threads()), dtype=torch.float64))
+            else:
+                sums.append(_cuda_sum_squares(b, ptrs, numels, code))
+        home = plan.buckets[0].device
+        total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum().sqrt()
+        if grad_scale is not None:
+            total = total / self._on(grad_scale, home).double()
+        norm = total.to(torch.float32)
+        self.last_grad_norm = norm
+        coef = torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(torch.float32)
+        return {b.device: self._on(coef, b.device) for b in plan.buckets}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._current_plan()
+        if not plan.buckets:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        clip = self._clip_coefficients(plan, grad_scale) if self.defaults.get("max_grad_norm") else {}
+        groups = self._group_rows()
+        keep = []  # device copies of the AMP scalars must outlive the kernel calls
+        for b in plan.buckets:
+            mod = B.module_for(b.device)
+            gs, fi, cc = self._on(grad_scale, b.device), self._on(found_inf, b.device), clip.get(b.device)
+            keep += [gs, fi, cc]
+            for row, gi in b.lr_rows:
+                b.table[row, B.COL_LR] = self.param_groups[gi]["lr"].data_ptr()
+            kwargs = dict(grad_scale=_ptr(gs), found_inf=_ptr(fi), clip_coef=_ptr(cc))
+            if b.device.type == "cpu":
+                kwargs["num_threads"] = B.num_threads()
+            else:
+                kwargs["stream"] = torch.cuda.current_stream(b.device).cuda_stream
+            getattr(mod, self._kernel)(b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
+                                       B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
+            b.clear_first_step()
+        return loss
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    if t.dtype != torch.float32:
+        raise ValueError(f"AMP/clip scalars must be float32 tensors, got {t.dtype}")
+    return t.data_ptr()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous, or a permutation of a contiguous layout (no gaps, no overlap)."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+_workspaces: dict = {}
+
+
+def _cuda_sum_squares(bucket: Bucket, ptrs, numels, code) -> torch.Tensor:
+    mod = B.cuda_module()
+    dev = bucket.device
+    ws = _workspaces.get(dev)
+    if ws is None:
+        ws = _workspaces[dev] = torch.empty(mod.sum_squares_workspace_size(), dtype=torch.float64, device=dev)
+    out = torch.empty((), dtype=torch.float32, device=dev)
+    mod.sum_squares(ptrs, numels, code, out.data_ptr(), ws.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    return out

@@ -1,0 +1,71 @@
+"""The pointer tables of a step: params bucketed by (device, dtype, kernel variant), one row
+per tensor, one kernel call per bucket.
+
+A plan is built (with full validation and lazy state creation) when anything it depends on
+changed, and reused otherwise. Reuse is safe because the plan holds a reference to every
+tensor whose address it stores (so no address can be recycled while the plan lives), and
+each step re-checks in C (`_C.refresh_grads`) that every param still has the address the
+plan recorded and reads the fresh grad addresses, dtypes and contiguity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import _backend as B
+
+
+@dataclass
+class Bucket:
+    device: torch.device
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    precision: int
+    variant: bool
+    params: list = field(default_factory=list)
+    rows: list = field(default_factory=list)      # table rows while building
+    keepalive: list = field(default_factory=list)  # every tensor whose address is in the table
+    table: np.ndarray | None = None
+    lr_rows: list = field(default_factory=list)   # (row, group index) of rows with a device lr
+    first_step_rows: bool = False
+
+    def freeze(self):
+        self.table = np.array(self.rows, dtype=np.int64).reshape(-1, B.TABLE_COLUMNS)
+        self.rows = []
+        self.first_step_rows = bool((self.table[:, B.COL_FLAGS] & B.FLAG_FIRST_STEP).any())
+
+    def refresh(self) -> bool:
+        """Fills the grad column for this step; False when the fast path does not apply."""
+        return B._C.refresh_grads(self.params, self.param_dtype, self.table) < 0
+
+    def clear_first_step(self):
+        if self.first_step_rows:
+            self.table[:, B.COL_FLAGS] &= ~B.FLAG_FIRST_STEP
+            self.first_step_rows = False
+
+
+@dataclass
+class Plan:
+    generation: int
+    group_lists: list           # the groups' `params` lists, by identity
+    group_lengths: list
+    buckets: list
+    without_grad: list          # params that had no grad when the plan was built
+    all_grads_dense: bool = True
+
+    def still_valid(self, optimizer) -> bool:
+        if self.generation != optimizer._generation:
+            return False
+        groups = optimizer.param_groups
+        if len(groups) != len(self.group_lists):
+            return False
+        for g, lst, n in zip(groups, self.group_lists, self.group_lengths):
+            if g["params"] is not lst or len(lst) != n:
+                return False
+        # A param that gained a grad must join a bucket.
+        for p in self.without_grad:
+            if p.grad is not None:
+                return False
+        return True

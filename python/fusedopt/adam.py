@@ -1,0 +1,66 @@
+"""Adam and AdamW: torch.optim's signatures and state, one fused kernel call per bucket."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend as B
+from ._optimizer import FusedOptimizer, check_lr, check_weight_decay, precision_defaults
+
+
+def _as_float(x):
+    return float(x) if isinstance(x, torch.Tensor) else x
+
+
+class Adam(FusedOptimizer):
+    """Drop-in for :class:`torch.optim.Adam` (coupled L2 decay unless
+    ``decoupled_weight_decay=True``), plus fusedopt's precision keywords (see API.md)."""
+
+    _kernel = "adam_step"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, **precision):
+        check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= _as_float(betas[0]) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= _as_float(betas[1]) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        check_weight_decay(weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        defaults.update(precision_defaults(type(self).__name__, **precision))
+        super().__init__(params, defaults, dict(differentiable=differentiable))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
+
+    def _moment_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _variant(self, group) -> bool:
+        return bool(group["amsgrad"])
+
+    def _default_weight_decay_mode(self, group) -> str:
+        return "decoupled" if group.get("decoupled_weight_decay") else "coupled"
+
+    def _group_row(self, group, lr):
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        return [lr, beta1, beta2, group["eps"], float(group["weight_decay"]),
+                B.WEIGHT_DECAY_MODES[self.weight_decay_mode(group)], float(group["maximize"]), 0.0]
+
+
+class AdamW(Adam):
+    """Drop-in for :class:`torch.optim.AdamW` (decoupled decay, ``weight_decay=1e-2``)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, **precision):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, **precision)

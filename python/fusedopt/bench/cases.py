@@ -1,0 +1,150 @@
+"""Benchmark cases: which tensors, which optimizer, and how many bytes a step must move.
+
+A case is a list of parameter shapes, a param dtype, an optimizer with its hyper-parameters and
+a bytes-per-parameter model: the memory traffic an ideal single-pass implementation of that step
+has to do. GB/s in the report is ``model bytes * params / time``, an *effective* bandwidth that
+is comparable with the machine's measured streaming bandwidth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+
+# GPT-2 (HF naming, Conv1D weights stored (in, out)). One transformer block, in
+# ``named_parameters()`` order.
+_WIDTH = 768
+
+
+def _gpt2_block(d: int = _WIDTH) -> list[tuple[int, ...]]:
+    return [
+        (d,), (d,),                  # ln_1.weight, ln_1.bias
+        (d, 3 * d), (3 * d,),        # attn.c_attn.weight, .bias
+        (d, d), (d,),                # attn.c_proj.weight, .bias
+        (d,), (d,),                  # ln_2.weight, ln_2.bias
+        (d, 4 * d), (4 * d,),        # mlp.c_fc.weight, .bias
+        (4 * d, d), (d,),            # mlp.c_proj.weight, .bias
+    ]
+
+
+def gpt2_shapes(vocab: int, layers: int, context: int = 1024, d: int = _WIDTH) -> list[tuple[int, ...]]:
+    """wte, wpe, ``layers`` blocks, ln_f: ``2 + 12 * layers + 2`` tensors."""
+    return [(vocab, d), (context, d)] + _gpt2_block(d) * layers + [(d,), (d,)]
+
+
+# GPT-2 small exactly: 124,439,808 params in 148 tensors.
+GPT2_SMALL = gpt2_shapes(vocab=50257, layers=12)
+# CPU-sized GPT-2: same widths, 4 blocks, 16k vocab: 41,722,368 params in 52 tensors.
+GPT2_CPU = gpt2_shapes(vocab=16384, layers=4)
+MANY_SMALL = [(1024,)] * 2000
+
+
+def adam_bytes(param: int, grad: int, state: int, master: int = 0, extra_read: int = 0) -> int:
+    """Bytes per param of one Adam(W) step: param read+write, grad read, two moments read+write,
+    an fp32 master copy read+write (then the param is only written), plus extra reads
+    (e.g. the grad-norm pass of clipping)."""
+    if master:
+        return param + grad + 4 * state + 2 * master + extra_read
+    return 2 * param + grad + 4 * state + extra_read
+
+
+def sgd_bytes(param: int, grad: int, state: int) -> int:
+    """Bytes per param of one SGD-with-momentum step: param r/w, grad r, buffer r/w."""
+    return 2 * param + grad + 2 * state
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    optimizer: str                      # "AdamW" | "Adam" | "SGD" (same name in torch.optim and fusedopt)
+    param_dtype: torch.dtype
+    cpu_shapes: tuple
+    cuda_shapes: tuple
+    hyper: dict                         # hyper-parameters every contender gets
+    bytes_per_param: int                # model for the case's own param dtype
+    bytes_model: str                    # human-readable breakdown
+    fusedopt_kwargs: dict = field(default_factory=dict)   # precision keywords (only fusedopt)
+    precision: bool = False             # run only if fusedopt accepts ``fusedopt_kwargs``
+    torch_variants: tuple = ("torch-forloop", "torch-foreach", "torch-fused")
+    fp32_reference: bool = False        # add torch-fused on fp32 copies of the params
+    grad_clip: float | None = None      # torch contenders clip with clip_grad_norm_(foreach=True)
+    peers: bool = True                  # peer libraries take part
+
+    def shapes(self, device: str, scale: float = 1.0) -> list[tuple[int, ...]]:
+        base = self.cuda_shapes if device == "cuda" else self.cpu_shapes
+        return scale_shapes(base, scale)
+
+
+def scale_shapes(shapes, scale: float) -> list[tuple[int, ...]]:
+    """Multiply the param count by ``scale``, scaling each shape's first dim (min 1)."""
+    if scale == 1.0:
+        return [tuple(s) for s in shapes]
+    return [(max(1, round(s[0] * scale)),) + tuple(s[1:]) for s in shapes]
+
+
+def numel(shapes) -> int:
+    return sum(prod(s) for s in shapes)
+
+
+_ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+_ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)   # coupled (L2) decay
+_SGD = dict(lr=1e-2, momentum=0.9)
+
+_F32, _BF16 = torch.float32, torch.bfloat16
+_GPT = dict(cpu_shapes=tuple(GPT2_CPU), cuda_shapes=tuple(GPT2_SMALL))
+
+CASES: dict[str, Case] = {c.name: c for c in [
+    Case("adamw_fp32", "AdamW, fp32 params/grads/states, GPT-2 shapes", "AdamW", _F32, hyper=_ADAMW,
+         bytes_per_param=adam_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 28", **_GPT),
+    Case("adamw_bf16", "AdamW, bf16 params/grads, bf16 moments (torch keeps the param dtype)",
+         "AdamW", _BF16, hyper=_ADAMW, bytes_per_param=adam_bytes(2, 2, 2),
+         bytes_model="p 2r+2w, g 2r, m 2r+2w, v 2r+2w = 14", **_GPT),
+    Case("sgd_momentum_fp32", "SGD momentum=0.9, fp32, GPT-2 shapes", "SGD", _F32, hyper=_SGD,
+         bytes_per_param=sgd_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, buf 4r+4w = 20", **_GPT),
+    Case("adam_fp32", "Adam with coupled (L2) weight decay 1e-2, fp32, GPT-2 shapes", "Adam", _F32,
+         hyper=_ADAM, bytes_per_param=adam_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 28", **_GPT),
+    Case("many_small", "AdamW fp32, 2,000 tensors of 1,024 elements (launch/loop overhead)",
+         "AdamW", _F32, cpu_shapes=tuple(MANY_SMALL), cuda_shapes=tuple(MANY_SMALL), hyper=_ADAMW,
+         bytes_per_param=adam_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 28"),
+    Case("adamw_bf16_sr_bf16state",
+         "AdamW on bf16 params with stochastic rounding and bf16 moments (fusedopt) vs torch "
+         "fused on bf16 params and on fp32 params", "AdamW", _BF16, hyper=_ADAMW,
+         fusedopt_kwargs=dict(stochastic_rounding=True, state_dtype=torch.bfloat16),
+         precision=True, torch_variants=("torch-fused",), fp32_reference=True,
+         bytes_per_param=adam_bytes(2, 2, 2),
+         bytes_model="p 2r+2w, g 2r, m 2r+2w, v 2r+2w = 14 (torch-fused-fp32: 28)", **_GPT),
+    Case("adamw_master",
+         "AdamW on bf16 params with fp32 master weights and fp32 moments (fusedopt) vs torch "
+         "fused on bf16 params and on fp32 params", "AdamW", _BF16, hyper=_ADAMW,
+         fusedopt_kwargs=dict(master_weights=True), precision=True,
+         torch_variants=("torch-fused",), fp32_reference=True,
+         bytes_per_param=adam_bytes(2, 2, 4, master=4),
+         bytes_model="p 2w, master 4r+4w, g 2r, m 4r+4w, v 4r+4w = 28 "
+                     "(torch-fused on bf16: 14, torch-fused-fp32: 28)", **_GPT),
+    Case("adamw_clip",
+         "AdamW fp32 with global grad-norm clipping at 1.0: fusedopt max_grad_norm=1.0 vs "
+         "torch clip_grad_norm_(foreach=True) + step", "AdamW", _F32, hyper=_ADAMW,
+         fusedopt_kwargs=dict(max_grad_norm=1.0), precision=True, grad_clip=1.0,
+         torch_variants=("torch-foreach", "torch-fused"),
+         bytes_per_param=adam_bytes(4, 4, 4, extra_read=4),
+         bytes_model="norm pass g 4r, then p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 32", **_GPT),
+]}
+
+DEFAULT_CASES = list(CASES)
+
+
+def select(names: str | None) -> list[Case]:
+    """Cases named in a comma-separated list (all when ``names`` is empty)."""
+    if not names:
+        return [CASES[n] for n in DEFAULT_CASES]
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in CASES]
+    if unknown:
+        raise ValueError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    return [CASES[n] for n in dict.fromkeys(wanted)]
