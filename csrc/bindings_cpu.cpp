@@ -73,42 +73,76 @@ double sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, 
   return active_kernels().sum_squares(call);
 }
 
+void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& numels, int src_dtype, double weight,
+             int num_threads) {
+  if (avgs.ndim() != 1 || srcs.ndim() != 1 || numels.ndim() != 1 || avgs.shape(0) != srcs.shape(0) ||
+      avgs.shape(0) != numels.shape(0))
+    throw std::invalid_argument("fusedopt: avgs, srcs and numels must be 1-d and of equal length");
+  AverageCall call;
+  call.avgs = avgs.data();
+  call.srcs = srcs.data();
+  call.numels = numels.data();
+  call.n_tensors = avgs.shape(0);
+  call.src_dtype = to_dtype(src_dtype, "average");
+  call.weight = float(weight);
+  call.num_threads = num_threads > 0 ? num_threads : 1;
+  py::gil_scoped_release release;
+  active_kernels().average(call);
+}
+
+// torch's own accessors (TensorBase.data_ptr, .is_contiguous, .grad, .dtype), handed over
+// once by the Python layer so the per-step loop below calls them directly instead of
+// looking each attribute up by name on every tensor.
+struct TensorAccessors {
+  PyObject* data_ptr = nullptr;       // method descriptor
+  PyObject* is_contiguous = nullptr;  // method descriptor
+  PyObject* grad = nullptr;           // getset descriptor
+  PyObject* dtype = nullptr;          // getset descriptor
+} g_access;
+
+void set_tensor_accessors(py::object data_ptr, py::object is_contiguous, py::object grad, py::object dtype) {
+  for (PyObject* d : {grad.ptr(), dtype.ptr()})
+    if (Py_TYPE(d)->tp_descr_get == nullptr) throw std::invalid_argument("fusedopt: expected attribute descriptors");
+  g_access = {data_ptr.release().ptr(), is_contiguous.release().ptr(), grad.release().ptr(), dtype.release().ptr()};
+}
+
+PyObject* get(PyObject* descr, PyObject* obj) {
+  return Py_TYPE(descr)->tp_descr_get(descr, obj, reinterpret_cast<PyObject*>(Py_TYPE(obj)));
+}
+
+bool call_int(PyObject* method, PyObject* self, long long* out) {
+  PyObject* r = PyObject_Vectorcall(method, &self, 1, nullptr);
+  if (r == nullptr) return false;
+  *out = PyLong_AsLongLong(r);
+  Py_DECREF(r);
+  return !(*out == -1 && PyErr_Occurred());
+}
+
 // The per-step part of the pointer table: re-reads every param's address and its grad's
-// address, dtype and contiguity in one C loop (the per-tensor Python attribute calls are
-// what dominates a step of many small tensors). Returns -1 when every row is still valid
-// and its grad column is filled, else the first row that needs the slow path (param
-// storage moved, grad missing, of another dtype, or not contiguous); the table is then
-// partly written and must not be used.
+// address, dtype and contiguity in one C loop (these per-tensor calls are what dominates a
+// step of many small tensors). Returns -1 when every row is still valid and its grad
+// column is filled, else the first row that needs the slow path (param storage moved, grad
+// missing, of another dtype, or not contiguous); the table must then be rebuilt.
 int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Array& table) {
-  static PyObject* s_grad = PyUnicode_InternFromString("grad");
-  static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
-  static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
-  static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+  if (g_access.data_ptr == nullptr) throw std::logic_error("fusedopt: set_tensor_accessors was not called");
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   if (table.ndim() != 2 || table.shape(0) != n || table.shape(1) != kNumTableColumns)
     throw std::invalid_argument("fusedopt: table does not match the params");
   int64_t* rows = table.mutable_data();
-  auto call_int = [](PyObject* obj, PyObject* name, long long* out) {
-    PyObject* r = PyObject_CallMethodNoArgs(obj, name);
-    if (r == nullptr) return false;
-    *out = PyLong_AsLongLong(r);
-    Py_DECREF(r);
-    return !(*out == -1 && PyErr_Occurred());
-  };
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params.ptr(), i);
     long long ptr;
-    if (!call_int(p, s_data_ptr, &ptr) || ptr != rows[i * kNumTableColumns + kColParam]) return PyErr_Clear(), i;
-    PyObject* g = PyObject_GetAttr(p, s_grad);
+    if (!call_int(g_access.data_ptr, p, &ptr) || ptr != rows[i * kNumTableColumns + kColParam]) return PyErr_Clear(), i;
+    PyObject* g = get(g_access.grad, p);
     if (g == nullptr) return PyErr_Clear(), i;
     bool ok = g != Py_None;
     if (ok) {
-      PyObject* gd = PyObject_GetAttr(g, s_dtype);
+      PyObject* gd = get(g_access.dtype, g);
       ok = gd == dtype.ptr();
       Py_XDECREF(gd);
     }
     long long gptr = 0, contiguous = 0;
-    ok = ok && call_int(g, s_is_contiguous, &contiguous) && contiguous == 1 && call_int(g, s_data_ptr, &gptr);
+    ok = ok && call_int(g_access.is_contiguous, g, &contiguous) && contiguous == 1 && call_int(g_access.data_ptr, g, &gptr);
     Py_DECREF(g);
     if (!ok) return PyErr_Clear(), i;
     rows[i * kNumTableColumns + kColGrad] = gptr;
@@ -129,8 +163,13 @@ PYBIND11_MODULE(_C, m) {
   std::apply([&](auto... a) { m.def("sgd_step", &run_step<&KernelTable::sgd_step>, a...); }, step_args("momentum"));
   m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("num_threads") = 1,
         "Sum of squares (float64 accumulation) over a list of tensors.");
+  m.def("set_tensor_accessors", &set_tensor_accessors, py::arg("data_ptr"), py::arg("is_contiguous"), py::arg("grad"),
+        py::arg("dtype"));
   m.def("refresh_grads", &refresh_grads, py::arg("params"), py::arg("dtype"), py::arg("table"),
         "Refreshes the grad column of a cached pointer table; -1 if valid, else the first stale row.");
+  m.def("average", &average, py::arg("avgs"), py::arg("srcs"), py::arg("numels"), py::arg("src_dtype"),
+        py::arg("weight"), py::arg("num_threads") = 1,
+        "avg += weight * (src - avg) over fp32 averages of float32/bfloat16/float16 sources.");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   m.attr("table_columns") = int(kNumTableColumns);

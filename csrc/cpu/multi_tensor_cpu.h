@@ -1,8 +1,9 @@
-// The CPU multi-tensor driver: flattens (tensor, fixed-size chunk) pairs of a whole bucket
-// into one work list and runs it in parallel, so 2,000 small tensors cost one parallel
-// region instead of 2,000, and one huge tensor is still split across all threads.
+// The CPU multi-tensor driver: one parallel region per bucket over equal chunks of all its
+// tensors' elements, so 2,000 small tensors cost one region instead of 2,000, and one huge
+// tensor is still split across all threads.
 #pragma once
 #include <omp.h>
+#include <algorithm>
 #include <vector>
 #include "../fusedopt/common.h"
 
@@ -14,33 +15,46 @@ constexpr int64_t kChunkElements = 1 << 15;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelThreshold = 1 << 15;
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
+// The tensors of a call laid end to end in one flat element space, cut into chunks of
+// kChunkElements. A chunk may span many small tensors or part of a big one, so per-chunk
+// overhead does not grow with the tensor count.
+class WorkList {
+ public:
+  template <typename NumelOf>
+  WorkList(int64_t n_tensors, NumelOf numel_of) : offsets_(size_t(n_tensors) + 1, 0) {
+    for (int64_t t = 0; t < n_tensors; ++t) offsets_[t + 1] = offsets_[t] + numel_of(t);
+  }
+  int64_t total() const { return offsets_.back(); }
+  int64_t chunks() const { return (total() + kChunkElements - 1) / kChunkElements; }
+
+  // Calls fn(tensor, begin, end) for each piece of chunk c, in tensor order.
+  template <typename Fn>
+  void for_each_piece(int64_t c, Fn&& fn) const {
+    int64_t lo = c * kChunkElements;
+    int64_t hi = lo + kChunkElements < total() ? lo + kChunkElements : total();
+    int64_t t = int64_t(std::upper_bound(offsets_.begin(), offsets_.end(), lo) - offsets_.begin()) - 1;
+    while (lo < hi) {
+      int64_t begin = lo - offsets_[t];
+      int64_t end = (hi < offsets_[t + 1] ? hi : offsets_[t + 1]) - offsets_[t];
+      if (end > begin) fn(t, begin, end);
+      lo = offsets_[t] + end;
+      ++t;
+    }
+  }
+
+ private:
+  std::vector<int64_t> offsets_;
 };
 
-template <typename NumelOf>
-std::vector<Chunk> make_chunks(int64_t n_tensors, NumelOf numel_of, int64_t* total_out) {
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    int64_t n = numel_of(t);
-    total += n;
-    for (int64_t b = 0; b < n; b += kChunkElements) chunks.push_back({t, b, b + kChunkElements < n ? b + kChunkElements : n});
-  }
-  *total_out = total;
-  return chunks;
-}
-
-// Runs fn(chunk) over every chunk. Elementwise work only, so the result does not depend on
-// the schedule or the thread count.
+// Runs fn(chunk) over every chunk of the list. Chunks are handed out dynamically, so a thread
+// the OS delays (shared machines) does not hold up the others; results never depend on the
+// schedule: the work is elementwise, and reductions write one slot per chunk.
 template <typename Fn>
-void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, int num_threads, Fn fn) {
-  int64_t n = int64_t(chunks.size());
-  bool parallel = num_threads > 1 && total >= kParallelThreshold && n > 1;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
-  for (int64_t c = 0; c < n; ++c) fn(chunks[c]);
+void parallel_for_chunks(const WorkList& work, int num_threads, Fn fn) {
+  const int64_t n = work.chunks();
+  const bool parallel = num_threads > 1 && work.total() >= kParallelThreshold && n > 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (parallel)
+  for (int64_t c = 0; c < n; ++c) fn(c);
 }
 
 }  // namespace fusedopt::cpu

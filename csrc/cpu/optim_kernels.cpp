@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../fusedopt/adam.h"
+#include "../fusedopt/averaging.h"
 #include "../fusedopt/sgd.h"
 #include "multi_tensor_cpu.h"
 #include "step_call.h"
@@ -31,23 +32,34 @@ struct TensorPlan {
 };
 
 // Reads and advances each tensor's step counter and computes its scalars: a serial pass
-// over tensors (cheap) so the parallel pass is pure streaming.
+// over tensors so the parallel pass is pure streaming. Neighbouring tensors almost always
+// share (group, lr, step), so the scalars (two pow calls) are reused from the previous row.
 template <typename Scalars, typename MakeScalars>
-std::vector<TensorPlan<Scalars>> plan_tensors(const StepCall& call, bool count_steps, MakeScalars make) {
+std::vector<TensorPlan<Scalars>> plan_tensors(const StepCall& call, bool keys_needed, MakeScalars make) {
   std::vector<TensorPlan<Scalars>> plans(size_t(call.n_tensors));
+  int64_t last_group = -1;
+  double last_lr = 0.0, last_step = -1.0;
+  Scalars scalars{};
   for (int64_t t = 0; t < call.n_tensors; ++t) {
     const int64_t* row = call.table + t * kNumTableColumns;
-    const double* group = call.groups + row[kColGroup] * kNumGroupFields;
     float* step_ptr = column_ptr<float>(row, kColStep);
     double step = 0.0;
-    if (count_steps && step_ptr != nullptr) {
+    if (step_ptr != nullptr) {
       *step_ptr += 1.0f;
       step = *step_ptr;
     }
+    const double* group = call.groups + row[kColGroup] * kNumGroupFields;
     const float* lr_ptr = column_ptr<const float>(row, kColLr);
     double lr = lr_ptr != nullptr ? double(*lr_ptr) : group[kGroupLr];
-    plans[t].scalars = make(group, lr, step);
-    plans[t].keys = rounding_keys(uint64_t(row[kColSeed]), row[kColParamIndex], int64_t(step));
+    if (row[kColGroup] != last_group || lr != last_lr || step != last_step) {
+      scalars = make(group, lr, step);
+      last_group = row[kColGroup];
+      last_lr = lr;
+      last_step = step;
+    }
+    plans[t].scalars = scalars;
+    plans[t].keys = keys_needed ? rounding_keys(uint64_t(row[kColSeed]), row[kColParamIndex], int64_t(step))
+                                : RoundingKeys{};
     plans[t].first = (row[kColFlags] & kFlagFirstStep) != 0;
   }
   return plans;
@@ -63,59 +75,56 @@ bool read_unscale(const StepScalars& s, float* unscale) {
   return true;
 }
 
-std::vector<Chunk> chunks_of(const StepCall& call, int64_t* total) {
-  return make_chunks(call.n_tensors, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; }, total);
+WorkList work_of(const StepCall& call) {
+  return WorkList(call.n_tensors, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; });
 }
 
 template <typename P, typename S, Precision PREC, bool AMSGRAD>
 void adam_loop(const StepCall& call) {
   float unscale;
   if (!read_unscale(call.scalars, &unscale)) return;
-  auto plans = plan_tensors<AdamScalars>(call, true, [&](const double* g, double lr, double step) {
-    return adam_scalars(g, lr, step, unscale);
-  });
-  int64_t total;
-  auto chunks = chunks_of(call, &total);
-  for_each_chunk(chunks, total, call.num_threads, [&](const Chunk& c) {
-    const int64_t* row = call.table + c.tensor * kNumTableColumns;
+  auto plans = plan_tensors<AdamScalars>(call, PREC == Precision::kStochastic,
+                                         [&](const double* g, double lr, double step) {
+                                           return adam_scalars(g, lr, step, unscale);
+                                         });
+  const WorkList work = work_of(call);
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+    const int64_t* row = call.table + t * kNumTableColumns;
     P* __restrict__ param = column_ptr<P>(row, kColParam);
     const P* __restrict__ grad = column_ptr<const P>(row, kColGrad);
     S* __restrict__ m = column_ptr<S>(row, kColState0);
     S* __restrict__ v = column_ptr<S>(row, kColState1);
     S* __restrict__ vmax = column_ptr<S>(row, kColState2);
     void* __restrict__ extra = column_ptr<void>(row, kColExtra);
-    const AdamScalars s = plans[c.tensor].scalars;
-    const RoundingKeys keys = plans[c.tensor].keys;
-    for (int64_t i = c.begin; i < c.end; ++i)
-      adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys);
-  });
+    const AdamScalars s = plans[t].scalars;
+    const RoundingKeys keys = plans[t].keys;
+    for (int64_t i = begin; i < end; ++i) adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys);
+  }); });
 }
 
 template <typename P, typename S, Precision PREC, bool MOMENTUM>
 void sgd_loop(const StepCall& call) {
   float unscale;
   if (!read_unscale(call.scalars, &unscale)) return;
-  // SGD keeps a step only when stochastic rounding needs one to key its random bits.
-  auto plans = plan_tensors<SgdScalars>(call, true, [&](const double* g, double lr, double) {
-    return sgd_scalars(g, lr, unscale);
-  });
-  int64_t total;
-  auto chunks = chunks_of(call, &total);
-  for_each_chunk(chunks, total, call.num_threads, [&](const Chunk& c) {
-    const int64_t* row = call.table + c.tensor * kNumTableColumns;
+  // SGD has a step column only when stochastic rounding needs one to key its random bits.
+  auto plans = plan_tensors<SgdScalars>(call, PREC == Precision::kStochastic,
+                                        [&](const double* g, double lr, double) { return sgd_scalars(g, lr, unscale); });
+  const WorkList work = work_of(call);
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+    const int64_t* row = call.table + t * kNumTableColumns;
     P* __restrict__ param = column_ptr<P>(row, kColParam);
     const P* __restrict__ grad = column_ptr<const P>(row, kColGrad);
     S* __restrict__ buf = column_ptr<S>(row, kColState0);
     void* __restrict__ extra = column_ptr<void>(row, kColExtra);
-    const SgdScalars s = plans[c.tensor].scalars;
-    const RoundingKeys keys = plans[c.tensor].keys;
+    const SgdScalars s = plans[t].scalars;
+    const RoundingKeys keys = plans[t].keys;
     // The first-step flag is hoisted so each loop body stays branch-free.
-    if (plans[c.tensor].first) {
-      for (int64_t i = c.begin; i < c.end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys);
+    if (plans[t].first) {
+      for (int64_t i = begin; i < end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys);
     } else {
-      for (int64_t i = c.begin; i < c.end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys);
+      for (int64_t i = begin; i < end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys);
     }
-  });
+  }); });
 }
 
 // Turns the runtime (param dtype, state dtype, precision, variant) into a template
@@ -171,25 +180,26 @@ struct SgdKernel {
 // result is the same for any thread count.
 template <typename T>
 double sum_squares_typed(const ReduceCall& call) {
-  int64_t total;
-  auto chunks = make_chunks(call.n_tensors, [&](int64_t t) { return call.numels[t]; }, &total);
-  std::vector<double> partial(chunks.size(), 0.0);
-  for_each_chunk(chunks, total, call.num_threads, [&](const Chunk& c) {
-    const T* __restrict__ x = reinterpret_cast<const T*>(call.ptrs[c.tensor]);
+  const WorkList work(call.n_tensors, [&](int64_t t) { return call.numels[t]; });
+  std::vector<double> partial(size_t(work.chunks()), 0.0);
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
     // Eight independent accumulators let the compiler vectorize a reduction it may not
     // reassociate.
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = c.begin;
-    for (; i + 8 <= c.end; i += 8)
-      for (int k = 0; k < 8; ++k) {
-        double v = load_float(x[i + k]);
-        acc[k] += v * v;
+    work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+      const T* __restrict__ x = reinterpret_cast<const T*>(call.ptrs[t]);
+      int64_t i = begin;
+      for (; i + 8 <= end; i += 8)
+        for (int k = 0; k < 8; ++k) {
+          double v = load_float(x[i + k]);
+          acc[k] += v * v;
+        }
+      for (; i < end; ++i) {
+        double v = load_float(x[i]);
+        acc[0] += v * v;
       }
-    for (; i < c.end; ++i) {
-      double v = load_float(x[i]);
-      acc[0] += v * v;
-    }
-    partial[&c - chunks.data()] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    });
+    partial[size_t(c)] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   });
   double sum = 0.0;
   for (double p : partial) sum += p;
@@ -205,6 +215,27 @@ double sum_squares(const ReduceCall& call) {
   throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
 }
 
+template <typename T>
+void average_typed(const AverageCall& call) {
+  const WorkList work(call.n_tensors, [&](int64_t t) { return call.numels[t]; });
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
+    work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+      float* __restrict__ avg = reinterpret_cast<float*>(call.avgs[t]);
+      const T* __restrict__ src = reinterpret_cast<const T*>(call.srcs[t]);
+      for (int64_t i = begin; i < end; ++i) average_element(avg, src, i, call.weight);
+    });
+  });
+}
+
+void average(const AverageCall& call) {
+  switch (call.src_dtype) {
+    case DType::kFloat32: return average_typed<float>(call);
+    case DType::kBFloat16: return average_typed<bf16_t>(call);
+    case DType::kFloat16: return average_typed<fp16_t>(call);
+  }
+  throw std::invalid_argument("fusedopt: unsupported dtype for average");
+}
+
 }  // namespace
 
 #define FUSEDOPT_STR2(x) #x
@@ -212,7 +243,7 @@ double sum_squares(const ReduceCall& call) {
 
 KernelTable kernels() {
   return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch<AdamKernel>(c); },
-          [](const StepCall& c) { dispatch<SgdKernel>(c); }, sum_squares};
+          [](const StepCall& c) { dispatch<SgdKernel>(c); }, sum_squares, average};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

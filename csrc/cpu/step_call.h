@@ -27,12 +27,24 @@ struct ReduceCall {
   int num_threads = 1;
 };
 
+// avg[i] += weight * (src[i] - avg[i]) over a list of (fp32 avg, src) pairs.
+struct AverageCall {
+  const int64_t* avgs = nullptr;
+  const int64_t* srcs = nullptr;
+  const int64_t* numels = nullptr;
+  int64_t n_tensors = 0;
+  DType src_dtype = DType::kFloat32;
+  float weight = 0.0f;
+  int num_threads = 1;
+};
+
 // Every kernel of one instruction-set build; dispatch.cpp picks one table at import.
 struct KernelTable {
   const char* isa;
   void (*adam_step)(const StepCall&);
   void (*sgd_step)(const StepCall&);
   double (*sum_squares)(const ReduceCall&);
+  void (*average)(const AverageCall&);
 };
 
 }  // namespace fusedopt::cpu

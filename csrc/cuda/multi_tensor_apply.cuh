@@ -80,7 +80,7 @@ __device__ __forceinline__ ChunkRef locate_chunk(const TensorList<Meta>& list, i
 // parameter space: the functor and the tensor list are read (and indexed at run time)
 // where they are, never copied to local memory.
 template <typename Meta, typename Functor>
-__global__ void __launch_bounds__(Functor::kBlockThreads)
+__global__ void __launch_bounds__(Functor::kBlockThreads, Functor::kMinBlocksPerSm)
     multi_tensor_kernel(const __grid_constant__ TensorList<Meta> list, const __grid_constant__ Functor functor) {
   functor(list);
 }
@@ -88,8 +88,10 @@ __global__ void __launch_bounds__(Functor::kBlockThreads)
 // Launches `functor` over every chunk of tensors 0..n_tensors-1 on `stream`.
 //   numel_of(t) -> int64_t  element count of tensor t (tensors with <= 0 are skipped)
 //   meta_of(t)  -> Meta     its metadata, copied into the launch
-// The functor provides kBlockThreads and `int64_t grid(int64_t n_chunks) const`, and its
-// device operator()(const TensorList<Meta>&) does the work. Returns the number of launches.
+// The functor provides kBlockThreads, kMinBlocksPerSm (for __launch_bounds__: caps its
+// registers so that many blocks fit on an SM) and `int64_t grid(int64_t n_chunks) const`;
+// its device operator()(const TensorList<Meta>&) does the work. Returns the number of
+// launches.
 template <typename Meta, typename Functor, typename NumelOf, typename MetaOf>
 int multi_tensor_apply(int64_t n_tensors, int64_t chunk_size, NumelOf numel_of, MetaOf meta_of,
                        const Functor& functor, cudaStream_t stream, const char* name) {

@@ -192,7 +192,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{label}: params of dtype {p.dtype} are not supported (float32, bfloat16, float16)")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{label}: device {p.device} is not supported (cpu, cuda)")
-        if p.layout != torch.strided or not _dense(p):
+        if p.layout != torch.strided or not B.is_dense(p.shape, p.stride()):
             raise ValueError(f"{label}: params must be dense in memory (contiguous or a permutation of it)")
         if g.is_sparse or g.layout != torch.strided:
             raise ValueError(f"{label}: sparse gradients are not supported; use a dense grad")
@@ -395,19 +395,6 @@ def _ptr(t: torch.Tensor | None) -> int:
     if t.dtype != torch.float32:
         raise ValueError(f"AMP/clip scalars must be float32 tensors, got {t.dtype}")
     return t.data_ptr()
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Contiguous, or a permutation of a contiguous layout (no gaps, no overlap)."""
-    if t.is_contiguous():
-        return True
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 _workspaces: dict = {}

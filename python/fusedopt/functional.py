@@ -47,7 +47,7 @@ def _run(kernel: str, lists: dict, group_row: list, variant: bool, flags: int, s
         device, code, _, shape, strides, numel = dp
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"params[{i}]: device {device} is not supported")
-        if not _is_dense(shape, strides):
+        if not B.is_dense(shape, strides):
             raise ValueError(f"params[{i}]: must be dense in memory (contiguous or a permutation of it)")
         row = [0] * B.TABLE_COLUMNS
         for name, col in zip(names, (B.COL_PARAM, B.COL_GRAD, B.COL_STATE0, B.COL_STATE1)):
@@ -78,16 +78,6 @@ def _run(kernel: str, lists: dict, group_row: list, variant: bool, flags: int, s
         getattr(mod, kernel)(table, groups, code, code, B.PLAIN, variant, **extra)
         if steps is not None and device.type == "cuda":
             steps = None  # the kernel has been enqueued; the caching allocator keeps the block stream-ordered
-
-
-def _is_dense(shape, strides) -> bool:
-    dims = sorted((s, n) for s, n in zip(strides, shape) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _check_adam(step, lr, beta1, beta2, eps, weight_decay):

@@ -1,0 +1,133 @@
+// Python bindings of the CUDA kernels (module fusedopt._C_cuda). Same tables and checks as
+// the CPU module (csrc/bindings_cpu.cpp); the scalar addresses, tensor addresses and the
+// stream are device-side values that this file only passes on: it never touches device
+// memory and never synchronises. The only file of the CUDA build that sees pybind11.
+#include <cuda_runtime_api.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../fusedopt/tensor_table.h"
+
+#ifndef FUSEDOPT_CUDA_ARCH_LIST
+#define FUSEDOPT_CUDA_ARCH_LIST
+#endif
+
+namespace fusedopt::cuda {
+// Defined in optim_kernels.cu. They launch on `stream` and return without waiting; they
+// throw std::invalid_argument for an unsupported combination (before launching anything)
+// and std::runtime_error when a launch fails.
+void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
+               Precision precision, bool amsgrad, StepScalars scalars, cudaStream_t stream);
+void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
+              Precision precision, bool momentum, StepScalars scalars, cudaStream_t stream);
+void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,
+                 double* workspace, cudaStream_t stream);
+int64_t sum_squares_workspace_size();
+}  // namespace fusedopt::cuda
+
+namespace py = pybind11;
+using namespace fusedopt;
+
+namespace {
+
+using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+DType to_dtype(int code, const char* what) {
+  if (code < 0 || code > 2) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
+  return DType(code);
+}
+
+// The checks of the CPU module's make_call: table and group shapes, codes, group indices.
+void check_tables(const Int64Array& table, const DoubleArray& groups, int precision) {
+  if (table.ndim() != 2 || table.shape(1) != kNumTableColumns)
+    throw std::invalid_argument("fusedopt: table must be (n_tensors, " + std::to_string(kNumTableColumns) + ")");
+  if (groups.ndim() != 2 || groups.shape(1) != kNumGroupFields)
+    throw std::invalid_argument("fusedopt: groups must be (n_groups, " + std::to_string(kNumGroupFields) + ")");
+  if (precision < 0 || precision > 3) throw std::invalid_argument("fusedopt: bad precision code");
+  const int64_t* rows = table.data();
+  const int64_t n_groups = groups.shape(0);
+  for (int64_t t = 0; t < table.shape(0); ++t) {
+    int64_t g = rows[t * kNumTableColumns + kColGroup];
+    if (g < 0 || g >= n_groups) throw std::invalid_argument("fusedopt: table row names a missing group");
+  }
+}
+
+using StepFn = void (*)(const int64_t*, int64_t, const double*, DType, DType, Precision, bool, StepScalars,
+                        cudaStream_t);
+
+template <StepFn Fn>
+void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
+              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stream) {
+  check_tables(table, groups, precision);
+  const DType pd = to_dtype(param_dtype, "params");
+  const DType sd = to_dtype(state_dtype, "state");
+  StepScalars scalars;
+  scalars.grad_scale = reinterpret_cast<const float*>(grad_scale);
+  scalars.found_inf = reinterpret_cast<const float*>(found_inf);
+  scalars.clip_coef = reinterpret_cast<const float*>(clip_coef);
+  py::gil_scoped_release release;
+  Fn(table.data(), table.shape(0), groups.data(), pd, sd, Precision(precision), variant, scalars,
+     reinterpret_cast<cudaStream_t>(stream));
+}
+
+void sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int64_t out, int64_t workspace,
+                 int64_t stream) {
+  if (ptrs.ndim() != 1 || numels.ndim() != 1 || ptrs.shape(0) != numels.shape(0))
+    throw std::invalid_argument("fusedopt: ptrs and numels must be 1-d and of equal length");
+  const DType dt = to_dtype(dtype, "sum_squares");
+  if (out == 0) throw std::invalid_argument("fusedopt: sum_squares needs an output address");
+  if (workspace == 0) throw std::invalid_argument("fusedopt: sum_squares needs a workspace address");
+  py::gil_scoped_release release;
+  cuda::sum_squares(ptrs.data(), numels.data(), ptrs.shape(0), dt, reinterpret_cast<float*>(out),
+                    reinterpret_cast<double*>(workspace), reinterpret_cast<cudaStream_t>(stream));
+}
+
+// 0 when there is no usable device or driver (the error is cleared, not raised), so the
+// Python layer can probe without a try.
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+int cuda_runtime_version() {
+  int v = 0;
+  if (cudaRuntimeGetVersion(&v) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "fusedopt CUDA kernels: multi-tensor optimizer steps over raw device-pointer tables";
+  auto step_args = [](const char* variant) {
+    return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
+                           py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0,
+                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stream") = 0);
+  };
+  std::apply([&](auto... a) { m.def("adam_step", &run_step<&cuda::adam_step>, a...); }, step_args("amsgrad"));
+  std::apply([&](auto... a) { m.def("sgd_step", &run_step<&cuda::sgd_step>, a...); }, step_args("momentum"));
+  m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("out"),
+        py::arg("workspace"), py::arg("stream") = 0,
+        "Sum of squares (float64 accumulation, deterministic) of a list of device tensors, written as float32 to "
+        "`out`; `workspace` holds sum_squares_workspace_size() float64 values.");
+  m.def("sum_squares_workspace_size", [] { return cuda::sum_squares_workspace_size(); });
+  m.def("device_count", &device_count);
+  m.def("archs", [] { return std::vector<int>{FUSEDOPT_CUDA_ARCH_LIST}; }, "CUDA architectures compiled in.");
+  m.def("cuda_runtime_version", &cuda_runtime_version);
+  m.attr("table_columns") = int(kNumTableColumns);
+  m.attr("group_fields") = int(kNumGroupFields);
+}

@@ -1,0 +1,488 @@
+// The CUDA kernels: Adam/AdamW and SGD steps as functors of the multi-tensor launcher, the
+// step-counter update, and a deterministic sum of squares. The math is the shared headers'
+// (adam_scalars / adam_element / sgd_scalars / sgd_element / rounding_keys), called here
+// exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls it; this file only decides
+// which thread handles which element.
+//
+// Nothing here synchronises with the host, allocates or copies: the tables travel as kernel
+// arguments, device scalars (grad scale, found_inf, clip coefficient, lr, step) are read in
+// the kernels, so every call can be captured in a CUDA graph.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "../fusedopt/adam.h"
+#include "../fusedopt/sgd.h"
+#include "multi_tensor_apply.cuh"
+
+namespace fusedopt::cuda {
+namespace {
+
+// ---- launch geometry ---------------------------------------------------------------------
+// Optimizer steps: one block per chunk of 64Ki elements; each thread handles kStepIlp
+// elements per iteration, kStepThreads apart (coalesced), 32 iterations per full chunk.
+// At least two blocks per SM: at most 64 registers per thread.
+constexpr int kStepThreads = 512;
+constexpr int kStepMinBlocks = 2;
+constexpr int kStepIlp = 4;
+constexpr int64_t kStepChunk = 65536;
+static_assert(kStepChunk % (int64_t(kStepThreads) * kStepIlp) == 0, "full chunks take no tail path");
+
+// Sum of squares: a fixed grid of kReduceBlocks blocks strides over chunks of kReduceChunk
+// elements; each block owns one float64 slot of the workspace.
+constexpr int kReduceThreads = 256;
+constexpr int kReduceIlp = 8;
+constexpr int64_t kReduceChunk = 8192;
+constexpr int kReduceBlocks = 512;
+constexpr int kFinishThreads = 512;
+
+// Step counters advanced per launch of increment_steps_kernel (one block).
+constexpr int kCounterThreads = 512;
+constexpr int kCounterCapacity = 480;
+static_assert(kCounterCapacity <= kCounterThreads, "one thread per counter");
+
+// ---- per-tensor metadata of a step launch --------------------------------------------------
+// Everything the kernel needs to know about one table row, the group's hyper-parameters
+// included (copied per tensor, so no group table has to reach the device).
+struct StepTensor {
+  void* param;
+  const void* grad;
+  void* state0;  // exp_avg | momentum_buffer
+  void* state1;  // exp_avg_sq
+  void* state2;  // max_exp_avg_sq
+  void* extra;   // master_param | kahan_comp
+  float* step;   // read here (old value), advanced by increment_steps_kernel afterwards
+  const float* lr;
+  uint64_t seed;
+  int64_t param_index;
+  double group[kNumGroupFields];
+  int32_t first;  // SGD: the momentum buffer starts as the grad
+};
+using StepList = TensorList<StepTensor>;
+
+struct StepCall {
+  const int64_t* table;  // host copy of the table (n_tensors x kNumTableColumns)
+  int64_t n_tensors;
+  const double* groups;  // host copy of the group table
+  DType param_dtype;
+  DType state_dtype;
+  Precision precision;
+  bool variant;  // Adam: amsgrad; SGD: momentum
+  StepScalars scalars;
+  cudaStream_t stream;
+};
+
+StepTensor step_tensor(const StepCall& call, int64_t t) {
+  const int64_t* row = call.table + t * kNumTableColumns;
+  StepTensor m{};
+  m.param = reinterpret_cast<void*>(row[kColParam]);
+  m.grad = reinterpret_cast<const void*>(row[kColGrad]);
+  m.state0 = reinterpret_cast<void*>(row[kColState0]);
+  m.state1 = reinterpret_cast<void*>(row[kColState1]);
+  m.state2 = reinterpret_cast<void*>(row[kColState2]);
+  m.extra = reinterpret_cast<void*>(row[kColExtra]);
+  m.step = reinterpret_cast<float*>(row[kColStep]);
+  m.lr = reinterpret_cast<const float*>(row[kColLr]);
+  m.seed = uint64_t(row[kColSeed]);
+  m.param_index = row[kColParamIndex];
+  std::memcpy(m.group, call.groups + row[kColGroup] * kNumGroupFields, sizeof m.group);
+  m.first = (row[kColFlags] & kFlagFirstStep) != 0 ? 1 : 0;
+  return m;
+}
+
+// ---- per-block scalars (thread 0 only) -------------------------------------------------------
+// 1 / grad_scale * clip_coef, or false when found_inf says to skip the step: the CPU's
+// read_unscale, operation for operation.
+__device__ __forceinline__ bool read_unscale(const StepScalars& s, float* unscale) {
+  if (s.found_inf != nullptr && *s.found_inf != 0.0f) return false;
+  float f = 1.0f;
+  if (s.grad_scale != nullptr) f = 1.0f / *s.grad_scale;
+  if (s.clip_coef != nullptr) f *= *s.clip_coef;
+  *unscale = f;
+  return true;
+}
+
+// The step number after this update. The CPU does `*step += 1; step = *step`; here many
+// blocks share a counter, so each reads the old value and adds one in the same float
+// arithmetic, and increment_steps_kernel (launched after the step on the same stream)
+// writes the new value back.
+__device__ __forceinline__ double next_step(const float* step) {
+  if (step == nullptr) return 0.0;
+  const float now = *step + 1.0f;
+  return double(now);
+}
+
+__device__ __forceinline__ double tensor_lr(const StepTensor& t) {
+  return t.lr != nullptr ? double(*t.lr) : t.group[kGroupLr];
+}
+
+// ---- element loops -------------------------------------------------------------------------
+// Each thread updates elements base, base + T, ..., base + (ILP-1)*T of the chunk (T =
+// threads per block), calling the shared element function with the element's index in the
+// whole tensor.
+//
+// Memory-level parallelism: the element functions load, compute and store one element, and
+// no compiler pass moves the next element's loads above this element's stores. So a full
+// group of ILP elements is first *preloaded*: the loop loads, through the shared load
+// functions, what the element function will load, and keep_live pins the values. The
+// pointers are __restrict__ parameters here, so the compiler knows the element stores
+// cannot change those values and forwards the preloaded registers into the element
+// functions' own loads. With nvcc 13.0 the PTX shows all ILP x 4 loads ahead of the stores
+// for fp32/bf16 Adam and momentum-free SGD; where the element code branches (fp16 loads,
+// stochastic rounding, SGD momentum) the element loads stay and the preload acts as an L1
+// prefetch issued for the whole group. The preloaded values are otherwise unused: results
+// never depend on this. -DFUSEDOPT_CUDA_PRELOAD=0 turns it off (for A/B timing).
+#ifndef FUSEDOPT_CUDA_PRELOAD
+#define FUSEDOPT_CUDA_PRELOAD 1
+#endif
+constexpr bool kPreload = FUSEDOPT_CUDA_PRELOAD != 0;
+
+__device__ __forceinline__ void keep_live(float x) { asm volatile("" ::"f"(x)); }
+
+template <typename P, typename S, Precision PREC, bool AMSGRAD>
+__device__ __forceinline__ void adam_preload(const P* param, const P* grad, const S* exp_avg, const S* exp_avg_sq,
+                                             const S* max_exp_avg_sq, const void* extra, int64_t i) {
+  keep_live(load_param<PREC>(param, static_cast<const float*>(extra), i));
+  keep_live(load_float(grad[i]));
+  keep_live(load_float(exp_avg[i]));
+  keep_live(load_float(exp_avg_sq[i]));
+  if constexpr (AMSGRAD) keep_live(load_float(max_exp_avg_sq[i]));
+  if constexpr (PREC == Precision::kKahan) keep_live(load_float(static_cast<const P*>(extra)[i]));
+}
+
+template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST>
+__device__ __forceinline__ void sgd_preload(const P* param, const P* grad, const S* momentum_buffer, const void* extra,
+                                            int64_t i) {
+  keep_live(load_param<PREC>(param, static_cast<const float*>(extra), i));
+  keep_live(load_float(grad[i]));
+  if constexpr (MOMENTUM && !FIRST) keep_live(load_float(momentum_buffer[i]));
+  if constexpr (PREC == Precision::kKahan) keep_live(load_float(static_cast<const P*>(extra)[i]));
+}
+
+template <typename P, typename S, Precision PREC, bool AMSGRAD>
+__device__ __forceinline__ void adam_chunk(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                                           S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
+                                           void* __restrict__ extra, int64_t begin, int64_t end, const AdamScalars& s,
+                                           const RoundingKeys& keys) {
+  constexpr int64_t kT = kStepThreads;
+  for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
+    if (base + (kStepIlp - 1) * kT < end) {
+      if constexpr (kPreload) {
+#pragma unroll
+        for (int k = 0; k < kStepIlp; ++k)
+          adam_preload<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, base + k * kT);
+      }
+#pragma unroll
+      for (int k = 0; k < kStepIlp; ++k)
+        adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, base + k * kT, s,
+                                          keys);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kStepIlp; ++k) {
+        const int64_t i = base + k * kT;
+        if (i < end)
+          adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, i, s, keys);
+      }
+    }
+  }
+}
+
+template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST>
+__device__ __forceinline__ void sgd_chunk(P* __restrict__ param, const P* __restrict__ grad,
+                                          S* __restrict__ momentum_buffer, void* __restrict__ extra, int64_t begin,
+                                          int64_t end, const SgdScalars& s, const RoundingKeys& keys) {
+  constexpr int64_t kT = kStepThreads;
+  for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
+    if (base + (kStepIlp - 1) * kT < end) {
+      if constexpr (kPreload) {
+#pragma unroll
+        for (int k = 0; k < kStepIlp; ++k)
+          sgd_preload<P, S, PREC, MOMENTUM, FIRST>(param, grad, momentum_buffer, extra, base + k * kT);
+      }
+#pragma unroll
+      for (int k = 0; k < kStepIlp; ++k)
+        sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, base + k * kT, FIRST, s, keys);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kStepIlp; ++k) {
+        const int64_t i = base + k * kT;
+        if (i < end) sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, i, FIRST, s, keys);
+      }
+    }
+  }
+}
+
+// ---- step functors -----------------------------------------------------------------------
+// One block per chunk. Thread 0 reads the device scalars and computes the tensor's scalars
+// and rounding keys (as the CPU's plan_tensors does per tensor); the block shares them.
+template <typename P, typename S, Precision PREC, bool AMSGRAD>
+struct AdamFunctor {
+  static constexpr int kBlockThreads = kStepThreads;
+  static constexpr int kMinBlocksPerSm = kStepMinBlocks;
+  StepScalars scalars;
+
+  int64_t grid(int64_t n_chunks) const { return n_chunks; }
+
+  __device__ void operator()(const StepList& list) const {
+    const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
+    const StepTensor& t = list.meta[c.slot];
+    __shared__ AdamScalars shared_scalars;
+    __shared__ RoundingKeys shared_keys;
+    __shared__ int shared_run;
+    if (threadIdx.x == 0) {
+      float unscale = 1.0f;
+      const bool run = read_unscale(scalars, &unscale);
+      if (run) {
+        const double step = next_step(t.step);
+        shared_scalars = adam_scalars(t.group, tensor_lr(t), step, unscale);
+        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step));
+      }
+      shared_run = run ? 1 : 0;
+    }
+    __syncthreads();
+    if (shared_run == 0) return;
+    const AdamScalars s = shared_scalars;  // into registers: the loop's stores cannot alias them
+    const RoundingKeys keys = shared_keys;
+    adam_chunk<P, S, PREC, AMSGRAD>(static_cast<P*>(t.param), static_cast<const P*>(t.grad),
+                                    static_cast<S*>(t.state0), static_cast<S*>(t.state1), static_cast<S*>(t.state2),
+                                    t.extra, c.begin, c.end, s, keys);
+  }
+};
+
+template <typename P, typename S, Precision PREC, bool MOMENTUM>
+struct SgdFunctor {
+  static constexpr int kBlockThreads = kStepThreads;
+  static constexpr int kMinBlocksPerSm = kStepMinBlocks;
+  StepScalars scalars;
+
+  int64_t grid(int64_t n_chunks) const { return n_chunks; }
+
+  __device__ void operator()(const StepList& list) const {
+    const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
+    const StepTensor& t = list.meta[c.slot];
+    __shared__ SgdScalars shared_scalars;
+    __shared__ RoundingKeys shared_keys;
+    __shared__ int shared_run;
+    if (threadIdx.x == 0) {
+      float unscale = 1.0f;
+      const bool run = read_unscale(scalars, &unscale);
+      if (run) {
+        // SGD keeps a step only when stochastic rounding keys its random bits by it.
+        const double step = next_step(t.step);
+        shared_scalars = sgd_scalars(t.group, tensor_lr(t), unscale);
+        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step));
+      }
+      shared_run = run ? 1 : 0;
+    }
+    __syncthreads();
+    if (shared_run == 0) return;
+    const SgdScalars s = shared_scalars;
+    const RoundingKeys keys = shared_keys;
+    P* param = static_cast<P*>(t.param);
+    const P* grad = static_cast<const P*>(t.grad);
+    S* buf = static_cast<S*>(t.state0);
+    // The first-step flag is a template parameter so each loop body stays branch-free.
+    if (t.first != 0)
+      sgd_chunk<P, S, PREC, MOMENTUM, true>(param, grad, buf, t.extra, c.begin, c.end, s, keys);
+    else
+      sgd_chunk<P, S, PREC, MOMENTUM, false>(param, grad, buf, t.extra, c.begin, c.end, s, keys);
+  }
+};
+
+// ---- step counters -------------------------------------------------------------------------
+struct StepCounters {
+  float* step[kCounterCapacity];
+  int32_t n;
+};
+
+// Advances the counters of one call after its step kernels, unless found_inf is set. An
+// atomic add of 1.0f gives the same bits as the CPU's `*step += 1.0f` and keeps a counter
+// shared by several rows (each row advances it once, as on the CPU) race-free.
+__global__ void __launch_bounds__(kCounterThreads)
+    increment_steps_kernel(const __grid_constant__ StepCounters counters, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const int i = int(threadIdx.x);
+  if (i < counters.n) atomicAdd(counters.step[i], 1.0f);
+}
+
+void increment_steps(const StepCall& call) {
+  StepCounters counters{};
+  auto flush = [&] {
+    if (counters.n == 0) return;
+    increment_steps_kernel<<<1, kCounterThreads, 0, call.stream>>>(counters, call.scalars.found_inf);
+    check_launch("increment_steps");
+    counters.n = 0;
+  };
+  for (int64_t t = 0; t < call.n_tensors; ++t) {
+    float* step = reinterpret_cast<float*>(call.table[t * kNumTableColumns + kColStep]);
+    if (step == nullptr) continue;
+    if (counters.n == kCounterCapacity) flush();
+    counters.step[counters.n++] = step;
+  }
+  flush();
+}
+
+// ---- host side of a step -------------------------------------------------------------------
+template <typename Functor>
+void run_step(const StepCall& call, const char* name) {
+  const Functor functor{call.scalars};
+  multi_tensor_apply<StepTensor>(
+      call.n_tensors, kStepChunk, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; },
+      [&](int64_t t) { return step_tensor(call, t); }, functor, call.stream, name);
+  increment_steps(call);
+}
+
+template <typename P, typename S, Precision PREC, bool V>
+struct AdamKernel {
+  static void run(const StepCall& call) { run_step<AdamFunctor<P, S, PREC, V>>(call, "adam_step"); }
+};
+template <typename P, typename S, Precision PREC, bool V>
+struct SgdKernel {
+  static void run(const StepCall& call) { run_step<SgdFunctor<P, S, PREC, V>>(call, "sgd_step"); }
+};
+
+// Turns the runtime (param dtype, state dtype, precision, variant) into a template
+// instantiation: the same combinations as the CPU's dispatch, nothing else.
+template <template <typename, typename, Precision, bool> class Kernel>
+void dispatch(const StepCall& call) {
+  using F = float;
+  using B = bf16_t;
+  using H = fp16_t;
+#define FUSEDOPT_VARIANTS(P, S, PREC) \
+  return call.variant ? Kernel<P, S, PREC, true>::run(call) : Kernel<P, S, PREC, false>::run(call)
+  const DType pd = call.param_dtype, sd = call.state_dtype;
+  const Precision pr = call.precision;
+  if (pd == DType::kFloat32 && pr == Precision::kPlain) {
+    if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
+    if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
+  }
+  if (pd == DType::kBFloat16) {
+    if (sd == DType::kFloat32) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, F, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, F, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, F, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, F, Precision::kKahan);
+    }
+    if (sd == DType::kBFloat16) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, B, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, B, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
+    }
+  }
+  if (pd == DType::kFloat16) {
+    if (sd == DType::kFloat32) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, F, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
+    }
+    if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
+  }
+#undef FUSEDOPT_VARIANTS
+  throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");
+}
+
+// ---- deterministic sum of squares --------------------------------------------------------------
+// Sum over the block in a fixed order (shuffle tree per warp, then warps in order); the
+// result is valid in thread 0. Called once per kernel.
+template <int kThreads>
+__device__ __forceinline__ double block_sum(double v) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps");
+  __shared__ double warp_sums[kThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  return total;
+}
+
+// Stage 1: block b of every launch adds the squares of its chunks (chunks b, b + grid, ...)
+// in float64 and writes its slot: launch 0 overwrites it, later launches add to it, in
+// stream order. The grid is always kReduceBlocks, so every slot is written by launch 0.
+template <typename T>
+struct SumSquaresFunctor {
+  static constexpr int kBlockThreads = kReduceThreads;
+  static constexpr int kMinBlocksPerSm = 1;
+  double* partials;
+
+  int64_t grid(int64_t) const { return kReduceBlocks; }
+
+  __device__ void operator()(const TensorList<const void*>& list) const {
+    constexpr int64_t kT = kReduceThreads;
+    double acc[kReduceIlp];
+#pragma unroll
+    for (int k = 0; k < kReduceIlp; ++k) acc[k] = 0.0;
+    for (int64_t chunk = blockIdx.x; chunk < list.n_chunks; chunk += gridDim.x) {
+      const ChunkRef c = locate_chunk(list, chunk);
+      const T* __restrict__ x = static_cast<const T*>(list.meta[c.slot]);
+      for (int64_t base = c.begin + threadIdx.x; base < c.end; base += kT * kReduceIlp) {
+#pragma unroll
+        for (int k = 0; k < kReduceIlp; ++k) {
+          const int64_t i = base + k * kT;
+          if (i < c.end) {
+            const double v = load_float(x[i]);
+            acc[k] += v * v;
+          }
+        }
+      }
+    }
+    double v = 0.0;
+#pragma unroll
+    for (int k = 0; k < kReduceIlp; ++k) v += acc[k];
+    const double total = block_sum<kReduceThreads>(v);
+    if (threadIdx.x == 0) partials[blockIdx.x] = (list.launch_index == 0 ? 0.0 : partials[blockIdx.x]) + total;
+  }
+};
+
+// Stage 2: one block adds the n slots in a fixed order and writes float(sum).
+__global__ void __launch_bounds__(kFinishThreads)
+    sum_squares_finish(const double* __restrict__ partials, int n, float* __restrict__ out) {
+  double v = 0.0;
+  for (int i = int(threadIdx.x); i < n; i += kFinishThreads) v += partials[i];
+  const double total = block_sum<kFinishThreads>(v);
+  if (threadIdx.x == 0) *out = float(total);
+}
+
+template <typename T>
+void sum_squares_typed(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, float* out, double* workspace,
+                       cudaStream_t stream) {
+  const SumSquaresFunctor<T> functor{workspace};
+  const int launches = multi_tensor_apply<const void*>(
+      n_tensors, kReduceChunk, [&](int64_t t) { return numels[t]; },
+      [&](int64_t t) { return reinterpret_cast<const void*>(ptrs[t]); }, functor, stream, "sum_squares");
+  // No launch (no elements): the slots are stale, so add none of them and write 0.
+  sum_squares_finish<<<1, kFinishThreads, 0, stream>>>(workspace, launches > 0 ? kReduceBlocks : 0, out);
+  check_launch("sum_squares_finish");
+}
+
+}  // namespace
+
+// ---- entry points (declared again in bindings_cuda.cpp) ---------------------------------
+void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
+               Precision precision, bool amsgrad, StepScalars scalars, cudaStream_t stream) {
+  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, amsgrad, scalars, stream};
+  dispatch<AdamKernel>(call);
+}
+
+void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
+              Precision precision, bool momentum, StepScalars scalars, cudaStream_t stream) {
+  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, momentum, scalars, stream};
+  dispatch<SgdKernel>(call);
+}
+
+void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,
+                 double* workspace, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return sum_squares_typed<float>(ptrs, numels, n_tensors, out, workspace, stream);
+    case DType::kBFloat16: return sum_squares_typed<bf16_t>(ptrs, numels, n_tensors, out, workspace, stream);
+    case DType::kFloat16: return sum_squares_typed<fp16_t>(ptrs, numels, n_tensors, out, workspace, stream);
+  }
+  throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
+}
+
+int64_t sum_squares_workspace_size() { return kReduceBlocks; }
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,326 @@
+"""Who runs in a case: fusedopt, torch.optim's three implementations and any installed peer.
+
+A :class:`Contender` knows how to turn a case's seeded source tensors into a :class:`Runner`
+(its own params and grads, an optimizer, a ``step()`` callable). Peers are found at run time
+with importlib and are never required; one that is missing, fails to import, construct or step
+is reported with its reason and the run goes on.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cases import Case, adam_bytes, sgd_bytes
+
+TORCH_FLAGS = {
+    "torch-forloop": dict(foreach=False),
+    "torch-foreach": dict(foreach=True),
+    "torch-fused": dict(fused=True),
+}
+BASELINE = "torch-fused"   # ratios are time(torch-fused) / time(contender)
+
+
+class Skip(Exception):
+    """A contender that cannot take part; the message is the reason shown in the report."""
+
+
+@dataclass
+class Runner:
+    name: str
+    params: list
+    optimizer: object
+    step: Callable[[], None]
+    bytes_per_param: float
+    param_dtype: torch.dtype
+    detail: str
+    numel: int = 0
+    inner: int = 1                              # steps per timed sample
+    samples: list = field(default_factory=list)  # seconds per step, one per sample
+
+    def __post_init__(self):
+        self.numel = sum(p.numel() for p in self.params)
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str                                   # "fusedopt" | "torch" | "peer"
+    detail: str                                 # what exactly runs, for the JSON
+    param_dtype: torch.dtype
+    bytes_per_param: float
+    make: Callable                              # make(params) -> optimizer
+    grad_clip: float | None = None
+    clip_foreach: bool = True
+
+    def build(self, src_params, src_grads) -> Runner:
+        params = []
+        for p, g in zip(src_params, src_grads):
+            q = torch.nn.Parameter(p.to(self.param_dtype, copy=True))
+            q.grad = g.to(self.param_dtype, copy=True)
+            params.append(q)
+        try:
+            opt = self.make(params)
+        except Skip:
+            raise
+        except Exception as e:  # noqa: BLE001 - any construction failure is a reason to skip
+            raise Skip(f"construction failed: {short_error(e)}") from e
+        if self.grad_clip is None:
+            step = opt.step
+        else:
+            clip, max_norm, foreach = torch.nn.utils.clip_grad_norm_, self.grad_clip, self.clip_foreach
+
+            def step():
+                clip(params, max_norm, foreach=foreach)
+                opt.step()
+        return Runner(self.name, params, opt, step, self.bytes_per_param, self.param_dtype, self.detail)
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    msg = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def task_bytes(case: Case, dtype: torch.dtype, state_size: float | None = None) -> float:
+    """Bytes/param of the case's step done by a contender whose params (and, unless given,
+    states) have ``dtype``."""
+    s = dtype.itemsize
+    st = s if state_size is None else state_size
+    if case.optimizer == "SGD":
+        return sgd_bytes(s, s, st)
+    return adam_bytes(s, s, st, extra_read=s if case.grad_clip else 0)
+
+
+# --------------------------------------------------------------------------- fusedopt
+
+def load_fusedopt():
+    """``(module, None)`` or ``(None, reason)``."""
+    try:
+        mod = importlib.import_module("fusedopt")
+    except Exception as e:  # noqa: BLE001
+        return None, f"import fusedopt failed: {short_error(e)}"
+    if not all(hasattr(mod, n) for n in ("AdamW", "Adam", "SGD")):
+        return None, "fusedopt has no AdamW/Adam/SGD (package incomplete)"
+    return mod, None
+
+
+def fusedopt_support(mod, case: Case, device: str) -> str | None:
+    """None when fusedopt accepts the case's keywords, else why not (construct on a tiny param,
+    catching the ValueError/TypeError an unsupported keyword raises)."""
+    if mod is None:
+        return "fusedopt is not available"
+    cls = getattr(mod, case.optimizer)
+    p = torch.nn.Parameter(torch.zeros(8, dtype=case.param_dtype, device=device))
+    try:
+        cls([p], **case.hyper, **case.fusedopt_kwargs)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+        kw = ", ".join(f"{k}={_fmt_kw(v)}" for k, v in case.fusedopt_kwargs.items())
+        return f"fusedopt.{case.optimizer}({kw}) not supported: {short_error(e)}"
+    return None
+
+
+def _fmt_kw(v) -> str:
+    return dtype_name(v) if isinstance(v, torch.dtype) else repr(v)
+
+
+def fusedopt_contender(mod, case: Case) -> Contender:
+    cls = getattr(mod, case.optimizer)
+    kw = {**case.hyper, **case.fusedopt_kwargs}
+    detail = f"fusedopt.{case.optimizer}({', '.join(f'{k}={_fmt_kw(v)}' for k, v in kw.items())})"
+    return Contender("fusedopt", "fusedopt", detail, case.param_dtype, case.bytes_per_param,
+                     lambda params: cls(params, **kw))
+
+
+# --------------------------------------------------------------------------- torch.optim
+
+def torch_contender(case: Case, name: str, dtype: torch.dtype | None = None, label: str | None = None) -> Contender:
+    cls = getattr(torch.optim, case.optimizer)
+    flags = TORCH_FLAGS[name]
+    dtype = dtype or case.param_dtype
+    kw = {**case.hyper, **flags}
+    detail = f"torch.optim.{case.optimizer}({', '.join(f'{k}={v!r}' for k, v in kw.items())}) on {dtype_name(dtype)}"
+    if case.grad_clip is not None:
+        foreach = flags.get("foreach", True) is not False
+        detail = f"clip_grad_norm_({case.grad_clip}, foreach={foreach}) + " + detail
+    return Contender(label or name, "torch", detail, dtype, task_bytes(case, dtype),
+                     lambda params: cls(params, **kw), grad_clip=case.grad_clip,
+                     clip_foreach=flags.get("foreach", True) is not False)
+
+
+# --------------------------------------------------------------------------- peers
+
+def _is_plain_adamw(case: Case) -> bool:
+    return case.optimizer == "AdamW" and not case.precision
+
+
+def _adamw_hyper(case: Case) -> dict:
+    h = case.hyper
+    return dict(lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
+
+
+@dataclass(frozen=True)
+class PeerVariant:
+    """One optimizer of a peer library. ``factory(module, case, params)`` builds it."""
+    label: str
+    module: str
+    factory: Callable
+    applies: Callable[[Case], bool]
+    bytes: Callable[[Case], float]
+    detail: str
+
+
+def _attr(mod, *paths):
+    """First attribute found among dotted ``paths`` under ``mod`` (submodules imported)."""
+    errors = []
+    for path in paths:
+        parts = path.split(".")
+        try:
+            obj = mod
+            for i, part in enumerate(parts):
+                if not hasattr(obj, part) and i < len(parts) - 1:
+                    importlib.import_module(".".join([mod.__name__] + parts[: i + 1]))
+                obj = getattr(obj, part)
+            return obj
+        except (ImportError, AttributeError) as e:
+            errors.append(f"{path}: {short_error(e, 80)}")
+    raise Skip(f"{mod.__name__} has none of {', '.join(paths)} ({'; '.join(errors)})")
+
+
+def _optimi(mod, case, params):
+    return _attr(mod, case.optimizer)(params, **case.hyper)
+
+
+def _bnb(name):
+    def make(mod, case, params):
+        return _attr(mod, f"optim.{name}")(params, **_adamw_hyper(case))
+    return make
+
+
+_TORCHAO_PATHS = ("optim.{}", "prototype.low_bit_optim.{}")
+
+
+def _torchao(name, **extra):
+    def make(mod, case, params):
+        cls = _attr(mod, *(p.format(name) for p in _TORCHAO_PATHS))
+        return cls(params, **_adamw_hyper(case), **extra)
+    return make
+
+
+def _heavyball(mod, case, params):
+    return _attr(mod, "ForeachAdamW", "AdamW")(params, **_adamw_hyper(case))
+
+
+def _schedulefree(mod, case, params):
+    opt = _attr(mod, "AdamWScheduleFree")(params, **_adamw_hyper(case))
+    opt.train()   # schedule-free optimizers must be in train mode to step
+    return opt
+
+
+def _is_bf16_adamw(case: Case) -> bool:
+    return case.optimizer == "AdamW" and case.param_dtype == torch.bfloat16 and (
+        not case.precision or case.fusedopt_kwargs.get("stochastic_rounding", False))
+
+
+def _p(case: Case) -> int:
+    return case.param_dtype.itemsize
+
+
+PEERS: list[PeerVariant] = [
+    PeerVariant("optimi", "optimi", _optimi,
+                lambda c: not c.precision,
+                # bf16 params: optimi adds a bf16 Kahan compensation buffer (r/w) by default
+                lambda c: task_bytes(c, c.param_dtype) + (4 if c.param_dtype != torch.float32 else 0),
+                "optimi.<same optimizer>(defaults: foreach, Kahan summation on low-precision params)"),
+    PeerVariant("bnb-adamw8bit", "bitsandbytes", _bnb("AdamW8bit"), _is_plain_adamw,
+                lambda c: adam_bytes(_p(c), _p(c), 1), "bitsandbytes.optim.AdamW8bit"),
+    PeerVariant("bnb-adamw32bit", "bitsandbytes", _bnb("AdamW32bit"), _is_plain_adamw,
+                lambda c: adam_bytes(_p(c), _p(c), 4), "bitsandbytes.optim.AdamW32bit"),
+    PeerVariant("torchao-adamw8bit", "torchao", _torchao("AdamW8bit"), _is_plain_adamw,
+                lambda c: adam_bytes(_p(c), _p(c), 1), "torchao.optim.AdamW8bit"),
+    PeerVariant("torchao-adamwfp8", "torchao", _torchao("AdamWFp8"), _is_plain_adamw,
+                lambda c: adam_bytes(_p(c), _p(c), 1), "torchao.optim.AdamWFp8"),
+    PeerVariant("torchao-adamw-bf16sr", "torchao", _torchao("_AdamW", bf16_stochastic_round=True),
+                _is_bf16_adamw, lambda c: adam_bytes(2, 2, 2),
+                "torchao.optim._AdamW(bf16_stochastic_round=True), bf16 states"),
+    PeerVariant("heavyball-adamw", "heavyball", _heavyball, _is_plain_adamw,
+                lambda c: task_bytes(c, c.param_dtype), "heavyball.ForeachAdamW"),
+    PeerVariant("schedulefree-adamw", "schedulefree", _schedulefree, _is_plain_adamw,
+                lambda c: task_bytes(c, c.param_dtype), "schedulefree.AdamWScheduleFree (train mode)"),
+]
+
+
+def _import_module(name: str):
+    return importlib.import_module(name)
+
+
+def detect_peers(variants: list[PeerVariant] | None = None):
+    """``(available, missing)``: the peer variants whose library imports, with the module, and
+    ``{library: reason}`` for the others. Never raises."""
+    variants = PEERS if variants is None else variants
+    modules, missing = {}, {}
+    for name in dict.fromkeys(v.module for v in variants):
+        try:
+            modules[name] = _import_module(name)
+        except ModuleNotFoundError as e:
+            missing[name] = "not installed" if e.name in (None, name) else f"import failed: {short_error(e)}"
+        except Exception as e:  # noqa: BLE001 - a broken peer must not stop the run
+            missing[name] = f"import failed: {short_error(e)}"
+    available = [(v, modules[v.module]) for v in variants if v.module in modules]
+    return available, missing
+
+
+def peer_contenders(case: Case, available) -> list[Contender]:
+    out = []
+    for v, mod in available:
+        if not v.applies(case):
+            continue
+        version = getattr(mod, "__version__", "?")
+        out.append(Contender(v.label, "peer", f"{v.detail} ({v.module} {version})", case.param_dtype,
+                             v.bytes(case), lambda params, v=v, mod=mod, case=case: v.factory(mod, case, params)))
+    return out
+
+
+# --------------------------------------------------------------------------- the line-up
+
+def contenders_for(case: Case, fusedopt_mod, peers_available) -> list[Contender]:
+    """fusedopt first, then torch (for-loop, foreach, fused, fused on fp32), then peers."""
+    out = []
+    if fusedopt_mod is not None:
+        out.append(fusedopt_contender(fusedopt_mod, case))
+    out += [torch_contender(case, name) for name in case.torch_variants]
+    if case.fp32_reference:
+        out.append(torch_contender(case, "torch-fused", dtype=torch.float32, label="torch-fused-fp32"))
+    out += peer_contenders(case, peers_available)
+    return out
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes held in ``optimizer.state`` tensors (tensor subclasses counted by their inner
+    tensors)."""
+    total = 0
+
+    def visit(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+                names, _ = obj.__tensor_flatten__()
+                for n in names:
+                    visit(getattr(obj, n))
+            else:
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(getattr(optimizer, "state", {}))
+    return total

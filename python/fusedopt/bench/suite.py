@@ -1,0 +1,208 @@
+"""Runs the cases: builds each contender from the same seeded tensors, warms up, times them
+interleaved, and collects one JSON-ready document."""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import cases as _cases
+from . import contenders as _ct
+from . import timing
+from .machine import machine_info, versions
+
+SCHEMA = "fusedopt-bench/1"
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    cases: list = field(default_factory=lambda: list(_cases.DEFAULT_CASES))
+    scale: float = 1.0
+    quick: bool = False
+    repeats: int = 20              # timing rounds
+    warmup: int = 3                # untimed steps per contender
+    min_sample_s: float = 0.02     # a sample runs k steps to last at least this long
+    max_inner: int = 100
+    bandwidth_mib: float = 256.0
+    bandwidth_repeats: int = 20
+    peers: bool = True
+    seed: int = 0
+
+    @classmethod
+    def make(cls, *, device="cpu", cases=None, scale=1.0, quick=False, repeats=None, warmup=None,
+             peers=True, seed=0, bandwidth_mib=None) -> "Settings":
+        """Defaults, or the ``--quick`` ones: 5 rounds, 1 warm-up step, >= 5 ms samples,
+        5 bandwidth samples; tensor sizes unchanged (``--scale`` changes them)."""
+        s = cls(device=device, scale=scale, quick=quick, peers=peers, seed=seed)
+        if cases is not None:
+            s.cases = list(cases)
+        if quick:
+            s.repeats, s.warmup, s.min_sample_s, s.max_inner, s.bandwidth_repeats = 5, 1, 0.005, 20, 5
+        if repeats is not None:
+            s.repeats = max(1, int(repeats))
+        if warmup is not None:
+            s.warmup = max(1, int(warmup))
+        base = 1024.0 if device == "cuda" else 256.0
+        # The probe shrinks with --scale < 1 (tiny test runs), but never below 4 MiB.
+        s.bandwidth_mib = bandwidth_mib if bandwidth_mib else max(4.0, base * min(1.0, scale))
+        return s
+
+    def describe(self) -> str:
+        return (f"{self.repeats} interleaved rounds, {self.warmup} warm-up step(s), samples of "
+                f">= {self.min_sample_s * 1e3:g} ms (<= {self.max_inner} steps), scale {self.scale:g}, "
+                f"bandwidth probe {self.bandwidth_mib:g} MiB x {self.bandwidth_repeats}")
+
+
+def _source_tensors(shapes, device: str, seed: int):
+    """fp32 params ~ N(0, 0.02) and grads ~ N(0, 0.01), seeded; contenders cast copies."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, generator=gen, device=device).mul_(0.02) for s in shapes]
+    grads = [torch.randn(s, generator=gen, device=device).mul_(0.01) for s in shapes]
+    return params, grads
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _result(r: _ct.Runner, contender: _ct.Contender, bw_gb_s: float, device: str,
+            peak_step_bytes) -> dict:
+    s = timing.summary(r.samples)
+    moved = r.bytes_per_param * r.numel
+    gb_s = moved / (s["ms_median"] * 1e-3) / 1e9
+    return dict(contender=r.name, kind=contender.kind, status="ok", detail=contender.detail,
+                param_dtype=_ct.dtype_name(r.param_dtype), bytes_per_param=r.bytes_per_param,
+                steps_per_sample=r.inner, **s, gb_s=gb_s,
+                pct_bandwidth=100.0 * gb_s / bw_gb_s if bw_gb_s else None,
+                vs_torch_fused=None,
+                state_bytes_per_param=_ct.state_bytes(r.optimizer) / r.numel if r.numel else None,
+                step_peak_bytes_per_param=(peak_step_bytes / r.numel
+                                           if peak_step_bytes is not None and r.numel else None))
+
+
+def _skipped(contender: _ct.Contender | str, reason: str, kind: str | None = None) -> dict:
+    name = contender if isinstance(contender, str) else contender.name
+    kind = kind or (None if isinstance(contender, str) else contender.kind)
+    return dict(contender=name, kind=kind, status="skipped", reason=reason)
+
+
+def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, peers_available,
+             bw_gb_s: float, progress) -> dict:
+    shapes = case.shapes(st.device, st.scale)
+    n = _cases.numel(shapes)
+    doc = dict(name=case.name, description=case.description, optimizer=case.optimizer,
+               param_dtype=_ct.dtype_name(case.param_dtype), hyper=_jsonable(case.hyper),
+               fusedopt_kwargs=_jsonable(case.fusedopt_kwargs), n_params=n, n_tensors=len(shapes),
+               largest_tensor=list(max(shapes, key=lambda s: _cases.numel([s]))),
+               bytes_per_param=case.bytes_per_param, bytes_model=case.bytes_model,
+               status="ok", reason=None, results=[])
+    t0 = time.perf_counter()
+    if case.precision:
+        reason = fusedopt_reason or _ct.fusedopt_support(fusedopt_mod, case, st.device)
+        if reason:
+            doc.update(status="skipped", reason=reason)
+            progress.note(f"{case.name}: skipped ({reason})")
+            progress.update(st.repeats)
+            return doc
+    line_up = _ct.contenders_for(case, fusedopt_mod, peers_available)
+    results = {}
+    if fusedopt_mod is None:
+        results["fusedopt"] = _skipped("fusedopt", fusedopt_reason or "not available", "fusedopt")
+
+    progress.phase(case.name, f"building {len(line_up)} contenders ({n / 1e6:.2f}M params, "
+                              f"{len(shapes)} tensors)")
+    src_p, src_g = _source_tensors(shapes, st.device, st.seed)
+    runners, by_name = [], {}
+    for c in line_up:
+        try:
+            r = c.build(src_p, src_g)
+            runners.append(r)
+            by_name[c.name] = c
+        except _ct.Skip as e:
+            results[c.name] = _skipped(c, str(e))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for one contender
+            results[c.name] = _skipped(c, f"setup failed: {_ct.short_error(e)}")
+        if c.name in results:
+            _free(st.device)
+    del src_p, src_g
+
+    progress.phase(case.name, f"warm-up {st.warmup} step(s)")
+    for name, reason in timing.warm_up(runners, st.warmup, st.device).items():
+        results[name] = _skipped(by_name[name], reason)
+    timing.calibrate(runners, st.min_sample_s, st.max_inner, st.device)
+
+    progress.phase(case.name, f"timing {len(runners)} contenders x {st.repeats} rounds")
+    failed = timing.interleaved(runners, st.repeats, st.device, on_round=lambda i: progress.update(1))
+    for name, reason in failed.items():
+        results[name] = _skipped(by_name[name], reason)
+
+    for r in runners:
+        try:
+            peak = timing.step_peak_bytes(r, st.device)
+        except Exception:  # noqa: BLE001 - memory figures are secondary
+            peak = None
+        results[r.name] = _result(r, by_name[r.name], bw_gb_s, st.device, peak)
+
+    base = results.get(_ct.BASELINE)
+    if base and base["status"] == "ok":
+        for res in results.values():
+            if res["status"] == "ok":
+                res["vs_torch_fused"] = base["ms_median"] / res["ms_median"]
+    order = ["fusedopt"] + [c.name for c in line_up]
+    doc["results"] = [results[k] for k in dict.fromkeys(order) if k in results]
+    doc["elapsed_s"] = time.perf_counter() - t0
+    del runners
+    _free(st.device)
+    return doc
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.dtype):
+            v = _ct.dtype_name(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def run_suite(st: Settings, progress) -> dict:
+    """Bandwidth probe, then every case; returns the JSON document."""
+    t0 = time.perf_counter()
+    selected = _cases.select(",".join(st.cases))
+    fusedopt_mod, fusedopt_reason = _ct.load_fusedopt()
+    if fusedopt_reason:
+        progress.note(f"fusedopt contender unavailable: {fusedopt_reason}")
+    if st.peers:
+        peers_available, peers_missing = _ct.detect_peers()
+    else:
+        peers_available, peers_missing = [], {m: "disabled (--no-peers)"
+                                              for m in dict.fromkeys(v.module for v in _ct.PEERS)}
+    progress.phase("bandwidth", f"x.mul_(c) on {st.bandwidth_mib:g} MiB fp32")
+    bw = timing.measure_bandwidth(st.device, int(st.bandwidth_mib * 2**20), st.bandwidth_repeats,
+                                  st.min_sample_s)
+    progress.note(f"streaming bandwidth: {bw['gb_s']:.1f} GB/s (x.mul_(c), {st.bandwidth_mib:g} MiB fp32)")
+    case_docs = [run_case(c, st, fusedopt_mod, fusedopt_reason, peers_available, bw["gb_s"], progress)
+                 for c in selected]
+    return dict(
+        schema=SCHEMA,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=None,
+        settings=asdict(st),
+        machine=machine_info(st.device),
+        versions=versions(),
+        fusedopt=dict(available=fusedopt_mod is not None, reason=fusedopt_reason),
+        peers=dict(available=sorted({v.module for v, _ in peers_available}),
+                   variants=[v.label for v, _ in peers_available], missing=peers_missing),
+        bandwidth=bw,
+        baseline=_ct.BASELINE,
+        cases=case_docs,
+        elapsed_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,122 @@
+"""Timing: the streaming-bandwidth probe and interleaved (round-robin) timing of contenders.
+
+Every timed sample is ``synchronize; t0; k steps; synchronize; t1`` with ``k`` chosen once per
+contender so that a sample lasts at least ``min_sample_s`` (tiny cases would otherwise measure
+the timer). Contenders take turns, one sample each per round, and the starting contender
+rotates every round, so drift and noise of a shared machine hit all of them alike.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+from .contenders import Skip, short_error
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, k: int, device: str) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) / k
+
+
+def inner_steps(one_step_s: float, min_sample_s: float, max_inner: int) -> int:
+    if one_step_s <= 0:
+        return max_inner
+    return max(1, min(max_inner, math.ceil(min_sample_s / one_step_s)))
+
+
+def summary(samples: list[float]) -> dict:
+    """Median/min/max in ms of per-step seconds."""
+    return dict(ms_median=statistics.median(samples) * 1e3, ms_min=min(samples) * 1e3,
+                ms_max=max(samples) * 1e3, samples=len(samples))
+
+
+def measure_bandwidth(device: str, nbytes: int, repeats: int, min_sample_s: float,
+                      max_inner: int = 50) -> dict:
+    """In-place streaming bandwidth: ``x.mul_(c)`` on an fp32 tensor of ``nbytes``, counted
+    as 8 bytes per element (one read, one write); median over ``repeats`` samples."""
+    n = max(1024, nbytes // 4)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    factors = [1.25, 0.8]   # alternate so the values stay near 1
+    i = [0]
+
+    def op():
+        x.mul_(factors[i[0] & 1])
+        i[0] += 1
+
+    for _ in range(3):
+        op()
+    k = inner_steps(_timed(op, 1, device), min_sample_s, max_inner)
+    samples = [_timed(op, k, device) for _ in range(max(1, repeats))]
+    del x
+    s = summary(samples)
+    moved = 8 * n
+    return dict(method="x.mul_(c), fp32, in place, 8 bytes/element (read + write)",
+                tensor_bytes=4 * n, numel=n, repeats=len(samples), inner=k,
+                gb_s=moved / (s["ms_median"] * 1e-3) / 1e9,
+                gb_s_best=moved / (s["ms_min"] * 1e-3) / 1e9, **s)
+
+
+def warm_up(runners, steps: int, device: str) -> dict:
+    """Run ``steps`` steps of each runner (creating state); ``{name: reason}`` of those that
+    failed, which are removed from ``runners``."""
+    failed = {}
+    for r in list(runners):
+        try:
+            for _ in range(max(1, steps)):
+                r.step()
+            synchronize(device)
+        except Skip as e:
+            failed[r.name] = str(e)
+        except Exception as e:  # noqa: BLE001
+            failed[r.name] = f"step failed: {short_error(e)}"
+        if r.name in failed:
+            runners.remove(r)
+    return failed
+
+
+def calibrate(runners, min_sample_s: float, max_inner: int, device: str) -> None:
+    for r in runners:
+        r.inner = inner_steps(_timed(r.step, 1, device), min_sample_s, max_inner)
+
+
+def interleaved(runners, rounds: int, device: str, on_round=None) -> dict:
+    """Round-robin timing: each round takes one sample of every runner, starting one further
+    along each round. Appends seconds/step to ``runner.samples``; returns ``{name: reason}``
+    of runners that raised (removed from ``runners``)."""
+    failed = {}
+    for i in range(rounds):
+        n = len(runners)
+        order = runners[i % n:] + runners[: i % n] if n else []
+        for r in order:
+            try:
+                r.samples.append(_timed(r.step, r.inner, device))
+            except Exception as e:  # noqa: BLE001
+                failed[r.name] = f"step failed while timing: {short_error(e)}"
+                runners.remove(r)
+        if on_round is not None:
+            on_round(i)
+    return failed
+
+
+def step_peak_bytes(runner, device: str) -> int | None:
+    """CUDA only: memory allocated at the peak of one step beyond what was allocated before."""
+    if device != "cuda":
+        return None
+    synchronize(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner.step()
+    synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated() - base)
