@@ -25,7 +25,7 @@ DType to_dtype(int code, const char* what) {
 
 StepCall make_call(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
                    int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef,
-                   int num_threads) {
+                   int64_t stats, int num_threads) {
   if (table.ndim() != 2 || table.shape(1) != kNumTableColumns)
     throw std::invalid_argument("fusedopt: table must be (n_tensors, " + std::to_string(kNumTableColumns) + ")");
   if (groups.ndim() != 2 || groups.shape(1) != kNumGroupFields)
@@ -47,15 +47,17 @@ StepCall make_call(const Int64Array& table, const DoubleArray& groups, int param
   call.scalars.grad_scale = reinterpret_cast<const float*>(grad_scale);
   call.scalars.found_inf = reinterpret_cast<const float*>(found_inf);
   call.scalars.clip_coef = reinterpret_cast<const float*>(clip_coef);
+  call.stats = reinterpret_cast<double*>(stats);
   call.num_threads = num_threads > 0 ? num_threads : 1;
   return call;
 }
 
 template <void (*KernelTable::*Fn)(const StepCall&)>
 void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
-              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int num_threads) {
+              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats,
+              int num_threads) {
   StepCall call = make_call(table, groups, param_dtype, state_dtype, precision, variant, grad_scale, found_inf,
-                            clip_coef, num_threads);
+                            clip_coef, stats, num_threads);
   py::gil_scoped_release release;
   (active_kernels().*Fn)(call);
 }
@@ -157,7 +159,8 @@ PYBIND11_MODULE(_C, m) {
   auto step_args = [](const char* variant) {
     return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
                            py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0,
-                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("num_threads") = 1);
+                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stats") = 0,
+                           py::arg("num_threads") = 1);
   };
   std::apply([&](auto... a) { m.def("adam_step", &run_step<&KernelTable::adam_step>, a...); }, step_args("amsgrad"));
   std::apply([&](auto... a) { m.def("sgd_step", &run_step<&KernelTable::sgd_step>, a...); }, step_args("momentum"));

@@ -75,6 +75,63 @@ bool read_unscale(const StepScalars& s, float* unscale) {
   return true;
 }
 
+// track_stats sums of one piece. The loop below declares them an OpenMP SIMD reduction,
+// which lets the compiler vectorize float sums it may otherwise not reassociate.
+struct PieceStats {
+  float& grad_sq;
+  float& param_sq;
+  float& update_sq;
+  float& before_sq;
+  void add(float g, float before, float after) const {
+    float d = after - before;
+    grad_sq += g * g;
+    param_sq += after * after;
+    update_sq += d * d;
+    before_sq += before * before;
+  }
+};
+
+// Runs body(i, stats) over [begin, end); with telemetry on, the piece's sums are added in
+// double to the chunk's slot for the tensor's group.
+template <typename Body>
+void run_piece(int64_t begin, int64_t end, double* slot, Body body) {
+  if (slot == nullptr) {
+    // Elements are independent (params, grads and states never alias): vectorize without the
+    // compiler's runtime alias checks.
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) body(i, NoStats{});
+    return;
+  }
+  float g = 0.0f, p = 0.0f, u = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : g, p, u, b)
+  for (int64_t i = begin; i < end; ++i) body(i, PieceStats{g, p, u, b});
+  slot[kStatGradSq] += g;
+  slot[kStatParamSq] += p;
+  slot[kStatUpdateSq] += u;
+  slot[kStatParamBeforeSq] += b;
+}
+
+// One slot of kNumStats sums per (chunk, group), added up in chunk order at the end, so the
+// telemetry is the same for any thread count.
+class StatSlots {
+ public:
+  StatSlots(const StepCall& call, int64_t chunks)
+      : call_(call), slots_(call.stats ? size_t(chunks * call.n_groups * kNumStats) : 0, 0.0) {}
+  double* slot(int64_t chunk, int64_t group) {
+    return call_.stats ? slots_.data() + (chunk * call_.n_groups + group) * kNumStats : nullptr;
+  }
+  void finish(int64_t chunks) {
+    if (!call_.stats) return;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t g = 0; g < call_.n_groups; ++g)
+        for (int f = 0; f < kNumStats; ++f) call_.stats[g * kNumStats + f] += slot(c, g)[f];
+  }
+
+ private:
+  const StepCall& call_;
+  std::vector<double> slots_;
+};
+
 WorkList work_of(const StepCall& call) {
   return WorkList(call.n_tensors, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; });
 }
@@ -88,6 +145,7 @@ void adam_loop(const StepCall& call) {
                                            return adam_scalars(g, lr, step, unscale);
                                          });
   const WorkList work = work_of(call);
+  StatSlots stats(call, work.chunks());
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
     const int64_t* row = call.table + t * kNumTableColumns;
     P* __restrict__ param = column_ptr<P>(row, kColParam);
@@ -98,8 +156,11 @@ void adam_loop(const StepCall& call) {
     void* __restrict__ extra = column_ptr<void>(row, kColExtra);
     const AdamScalars s = plans[t].scalars;
     const RoundingKeys keys = plans[t].keys;
-    for (int64_t i = begin; i < end; ++i) adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys);
+    run_piece(begin, end, stats.slot(c, row[kColGroup]), [&](int64_t i, auto st) {
+      adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys, st);
+    });
   }); });
+  stats.finish(work.chunks());
 }
 
 template <typename P, typename S, Precision PREC, bool MOMENTUM>
@@ -110,6 +171,7 @@ void sgd_loop(const StepCall& call) {
   auto plans = plan_tensors<SgdScalars>(call, PREC == Precision::kStochastic,
                                         [&](const double* g, double lr, double) { return sgd_scalars(g, lr, unscale); });
   const WorkList work = work_of(call);
+  StatSlots stats(call, work.chunks());
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
     const int64_t* row = call.table + t * kNumTableColumns;
     P* __restrict__ param = column_ptr<P>(row, kColParam);
@@ -118,13 +180,19 @@ void sgd_loop(const StepCall& call) {
     void* __restrict__ extra = column_ptr<void>(row, kColExtra);
     const SgdScalars s = plans[t].scalars;
     const RoundingKeys keys = plans[t].keys;
+    double* slot = stats.slot(c, row[kColGroup]);
     // The first-step flag is hoisted so each loop body stays branch-free.
     if (plans[t].first) {
-      for (int64_t i = begin; i < end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys);
+      run_piece(begin, end, slot, [&](int64_t i, auto st) {
+        sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys, st);
+      });
     } else {
-      for (int64_t i = begin; i < end; ++i) sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys);
+      run_piece(begin, end, slot, [&](int64_t i, auto st) {
+        sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys, st);
+      });
     }
   }); });
+  stats.finish(work.chunks());
 }
 
 // Turns the runtime (param dtype, state dtype, precision, variant) into a template

@@ -15,6 +15,7 @@ struct StepCall {
   Precision precision = Precision::kPlain;
   bool variant = false;            // Adam: amsgrad; SGD: momentum != 0
   StepScalars scalars;
+  double* stats = nullptr;         // n_groups x kNumStats sums to add into (track_stats), or null
   int num_threads = 1;
 };
 

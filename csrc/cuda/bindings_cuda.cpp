@@ -23,12 +23,14 @@ namespace fusedopt::cuda {
 // throw std::invalid_argument for an unsupported combination (before launching anything)
 // and std::runtime_error when a launch fails.
 void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-               Precision precision, bool amsgrad, StepScalars scalars, cudaStream_t stream);
+               Precision precision, bool amsgrad, StepScalars scalars, double* stats, cudaStream_t stream);
 void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-              Precision precision, bool momentum, StepScalars scalars, cudaStream_t stream);
+              Precision precision, bool momentum, StepScalars scalars, double* stats, cudaStream_t stream);
 void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,
                  double* workspace, cudaStream_t stream);
 int64_t sum_squares_workspace_size();
+void average(const int64_t* avgs, const int64_t* srcs, const int64_t* numels, int64_t n_tensors, DType src_dtype,
+             float weight, cudaStream_t stream);
 }  // namespace fusedopt::cuda
 
 namespace py = pybind11;
@@ -59,12 +61,43 @@ void check_tables(const Int64Array& table, const DoubleArray& groups, int precis
   }
 }
 
-using StepFn = void (*)(const int64_t*, int64_t, const double*, DType, DType, Precision, bool, StepScalars,
+// Kernels launch on the calling thread's current device, and a stream belongs to one device.
+// When the stream's device is not the current one (several GPUs and no torch.cuda.device
+// guard in the caller), it is made current for the call and restored afterwards. Queries
+// only: no synchronisation, allowed during graph capture.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(cudaStream_t stream) {
+#if CUDART_VERSION >= 12080
+    if (stream == nullptr) return;  // the legacy default stream of the current device
+    int device = -1;
+    if (cudaStreamGetDevice(stream, &device) != cudaSuccess || cudaGetDevice(&previous_) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    if (device != previous_ && cudaSetDevice(device) == cudaSuccess) restore_ = true;
+    (void)cudaGetLastError();
+#else
+    (void)stream;
+#endif
+  }
+  ~DeviceGuard() {
+    if (restore_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+  bool restore_ = false;
+};
+
+using StepFn = void (*)(const int64_t*, int64_t, const double*, DType, DType, Precision, bool, StepScalars, double*,
                         cudaStream_t);
 
 template <StepFn Fn>
 void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
-              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stream) {
+              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stream, int64_t stats) {
   check_tables(table, groups, precision);
   const DType pd = to_dtype(param_dtype, "params");
   const DType sd = to_dtype(state_dtype, "state");
@@ -73,8 +106,9 @@ void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtyp
   scalars.found_inf = reinterpret_cast<const float*>(found_inf);
   scalars.clip_coef = reinterpret_cast<const float*>(clip_coef);
   py::gil_scoped_release release;
+  DeviceGuard guard(reinterpret_cast<cudaStream_t>(stream));
   Fn(table.data(), table.shape(0), groups.data(), pd, sd, Precision(precision), variant, scalars,
-     reinterpret_cast<cudaStream_t>(stream));
+     reinterpret_cast<double*>(stats), reinterpret_cast<cudaStream_t>(stream));
 }
 
 void sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int64_t out, int64_t workspace,
@@ -85,8 +119,21 @@ void sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, in
   if (out == 0) throw std::invalid_argument("fusedopt: sum_squares needs an output address");
   if (workspace == 0) throw std::invalid_argument("fusedopt: sum_squares needs a workspace address");
   py::gil_scoped_release release;
+  DeviceGuard guard(reinterpret_cast<cudaStream_t>(stream));
   cuda::sum_squares(ptrs.data(), numels.data(), ptrs.shape(0), dt, reinterpret_cast<float*>(out),
                     reinterpret_cast<double*>(workspace), reinterpret_cast<cudaStream_t>(stream));
+}
+
+void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& numels, int src_dtype, double weight,
+             int64_t stream) {
+  if (avgs.ndim() != 1 || srcs.ndim() != 1 || numels.ndim() != 1 || avgs.shape(0) != srcs.shape(0) ||
+      avgs.shape(0) != numels.shape(0))
+    throw std::invalid_argument("fusedopt: avgs, srcs and numels must be 1-d and of equal length");
+  const DType dt = to_dtype(src_dtype, "average");
+  py::gil_scoped_release release;
+  DeviceGuard guard(reinterpret_cast<cudaStream_t>(stream));
+  cuda::average(avgs.data(), srcs.data(), numels.data(), avgs.shape(0), dt, float(weight),
+                reinterpret_cast<cudaStream_t>(stream));
 }
 
 // 0 when there is no usable device or driver (the error is cleared, not raised), so the
@@ -116,7 +163,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   auto step_args = [](const char* variant) {
     return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
                            py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0,
-                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stream") = 0);
+                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stream") = 0,
+                           py::arg("stats") = 0);
   };
   std::apply([&](auto... a) { m.def("adam_step", &run_step<&cuda::adam_step>, a...); }, step_args("amsgrad"));
   std::apply([&](auto... a) { m.def("sgd_step", &run_step<&cuda::sgd_step>, a...); }, step_args("momentum"));
@@ -124,6 +172,9 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("workspace"), py::arg("stream") = 0,
         "Sum of squares (float64 accumulation, deterministic) of a list of device tensors, written as float32 to "
         "`out`; `workspace` holds sum_squares_workspace_size() float64 values.");
+  m.def("average", &average, py::arg("avgs"), py::arg("srcs"), py::arg("numels"), py::arg("src_dtype"),
+        py::arg("weight"), py::arg("stream") = 0,
+        "avg += weight * (src - avg) over fp32 averages of float32/bfloat16/float16 sources.");
   m.def("sum_squares_workspace_size", [] { return cuda::sum_squares_workspace_size(); });
   m.def("device_count", &device_count);
   m.def("archs", [] { return std::vector<int>{FUSEDOPT_CUDA_ARCH_LIST}; }, "CUDA architectures compiled in.");

@@ -1,8 +1,8 @@
 // The CUDA kernels: Adam/AdamW and SGD steps as functors of the multi-tensor launcher, the
-// step-counter update, and a deterministic sum of squares. The math is the shared headers'
-// (adam_scalars / adam_element / sgd_scalars / sgd_element / rounding_keys), called here
-// exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls it; this file only decides
-// which thread handles which element.
+// step-counter update, a deterministic sum of squares and weight averaging. The math is the
+// shared headers' (adam_scalars / adam_element / sgd_scalars / sgd_element / rounding_keys /
+// average_element), called here exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls
+// it; this file only decides which thread handles which element.
 //
 // Nothing here synchronises with the host, allocates or copies: the tables travel as kernel
 // arguments, device scalars (grad scale, found_inf, clip coefficient, lr, step) are read in
@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "../fusedopt/adam.h"
+#include "../fusedopt/averaging.h"
 #include "../fusedopt/sgd.h"
 #include "multi_tensor_apply.cuh"
 
@@ -56,6 +57,7 @@ struct StepTensor {
   const float* lr;
   uint64_t seed;
   int64_t param_index;
+  int64_t group_index;  // row of the group table: the stats slot of track_stats
   double group[kNumGroupFields];
   int32_t first;  // SGD: the momentum buffer starts as the grad
 };
@@ -70,6 +72,7 @@ struct StepCall {
   Precision precision;
   bool variant;  // Adam: amsgrad; SGD: momentum
   StepScalars scalars;
+  double* stats;  // n_groups x kNumStats device sums to add into (track_stats), or null
   cudaStream_t stream;
 };
 
@@ -86,6 +89,7 @@ StepTensor step_tensor(const StepCall& call, int64_t t) {
   m.lr = reinterpret_cast<const float*>(row[kColLr]);
   m.seed = uint64_t(row[kColSeed]);
   m.param_index = row[kColParamIndex];
+  m.group_index = row[kColGroup];
   std::memcpy(m.group, call.groups + row[kColGroup] * kNumGroupFields, sizeof m.group);
   m.first = (row[kColFlags] & kFlagFirstStep) != 0 ? 1 : 0;
   return m;
@@ -160,11 +164,11 @@ __device__ __forceinline__ void sgd_preload(const P* param, const P* grad, const
   if constexpr (PREC == Precision::kKahan) keep_live(load_float(static_cast<const P*>(extra)[i]));
 }
 
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
+template <typename P, typename S, Precision PREC, bool AMSGRAD, typename Stats>
 __device__ __forceinline__ void adam_chunk(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
                                            S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
                                            void* __restrict__ extra, int64_t begin, int64_t end, const AdamScalars& s,
-                                           const RoundingKeys& keys) {
+                                           const RoundingKeys& keys, Stats stats) {
   constexpr int64_t kT = kStepThreads;
   for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
     if (base + (kStepIlp - 1) * kT < end) {
@@ -176,22 +180,22 @@ __device__ __forceinline__ void adam_chunk(P* __restrict__ param, const P* __res
 #pragma unroll
       for (int k = 0; k < kStepIlp; ++k)
         adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, base + k * kT, s,
-                                          keys);
+                                          keys, stats);
     } else {
 #pragma unroll
       for (int k = 0; k < kStepIlp; ++k) {
         const int64_t i = base + k * kT;
         if (i < end)
-          adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, i, s, keys);
+          adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, i, s, keys, stats);
       }
     }
   }
 }
 
-template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST>
+template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST, typename Stats>
 __device__ __forceinline__ void sgd_chunk(P* __restrict__ param, const P* __restrict__ grad,
                                           S* __restrict__ momentum_buffer, void* __restrict__ extra, int64_t begin,
-                                          int64_t end, const SgdScalars& s, const RoundingKeys& keys) {
+                                          int64_t end, const SgdScalars& s, const RoundingKeys& keys, Stats stats) {
   constexpr int64_t kT = kStepThreads;
   for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
     if (base + (kStepIlp - 1) * kT < end) {
@@ -202,13 +206,56 @@ __device__ __forceinline__ void sgd_chunk(P* __restrict__ param, const P* __rest
       }
 #pragma unroll
       for (int k = 0; k < kStepIlp; ++k)
-        sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, base + k * kT, FIRST, s, keys);
+        sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, base + k * kT, FIRST, s, keys, stats);
     } else {
 #pragma unroll
       for (int k = 0; k < kStepIlp; ++k) {
         const int64_t i = base + k * kT;
-        if (i < end) sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, i, FIRST, s, keys);
+        if (i < end) sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, i, FIRST, s, keys, stats);
       }
+    }
+  }
+}
+
+// ---- track_stats -------------------------------------------------------------------------------
+// The element functions report (grad as stored, param before, param after) to a Stats
+// object; here each thread sums them in registers, the block adds its threads' sums in a
+// fixed order (float64), and thread 0 adds the block's kNumStats sums into the group's slot
+// with float64 atomics. The per-block sums are deterministic; the order in which blocks add
+// them is not, so the last bits of the stats may vary from run to run (telemetry only: the
+// step itself never depends on them).
+struct RegisterStats {
+  float* acc;  // kNumStats running sums of this thread (a local array: lives in registers)
+  FUSEDOPT_HD void add(float g, float before, float after) const {
+    const float d = after - before;
+    acc[kStatGradSq] += g * g;
+    acc[kStatParamSq] += after * after;
+    acc[kStatUpdateSq] += d * d;
+    acc[kStatParamBeforeSq] += before * before;
+  }
+};
+
+__device__ __forceinline__ void add_block_stats(const float (&acc)[kNumStats], double* __restrict__ slot) {
+  constexpr int kWarps = kStepThreads / 32;
+  __shared__ double warp_sums[kWarps][kNumStats];
+  double v[kNumStats];
+#pragma unroll
+  for (int f = 0; f < kNumStats; ++f) {
+    v[f] = acc[f];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v[f] += __shfl_down_sync(0xFFFFFFFFu, v[f], offset);
+  }
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int f = 0; f < kNumStats; ++f) warp_sums[threadIdx.x >> 5][f] = v[f];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int f = 0; f < kNumStats; ++f) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w][f];
+      atomicAdd(slot + f, total);
     }
   }
 }
@@ -221,6 +268,7 @@ struct AdamFunctor {
   static constexpr int kBlockThreads = kStepThreads;
   static constexpr int kMinBlocksPerSm = kStepMinBlocks;
   StepScalars scalars;
+  double* stats;
 
   int64_t grid(int64_t n_chunks) const { return n_chunks; }
 
@@ -244,9 +292,18 @@ struct AdamFunctor {
     if (shared_run == 0) return;
     const AdamScalars s = shared_scalars;  // into registers: the loop's stores cannot alias them
     const RoundingKeys keys = shared_keys;
-    adam_chunk<P, S, PREC, AMSGRAD>(static_cast<P*>(t.param), static_cast<const P*>(t.grad),
-                                    static_cast<S*>(t.state0), static_cast<S*>(t.state1), static_cast<S*>(t.state2),
-                                    t.extra, c.begin, c.end, s, keys);
+    P* param = static_cast<P*>(t.param);
+    const P* grad = static_cast<const P*>(t.grad);
+    S* m = static_cast<S*>(t.state0);
+    S* v = static_cast<S*>(t.state1);
+    S* vmax = static_cast<S*>(t.state2);
+    if (stats == nullptr) {
+      adam_chunk<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, t.extra, c.begin, c.end, s, keys, NoStats{});
+    } else {
+      float acc[kNumStats] = {};
+      adam_chunk<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, t.extra, c.begin, c.end, s, keys, RegisterStats{acc});
+      add_block_stats(acc, stats + t.group_index * kNumStats);
+    }
   }
 };
 
@@ -255,6 +312,7 @@ struct SgdFunctor {
   static constexpr int kBlockThreads = kStepThreads;
   static constexpr int kMinBlocksPerSm = kStepMinBlocks;
   StepScalars scalars;
+  double* stats;
 
   int64_t grid(int64_t n_chunks) const { return n_chunks; }
 
@@ -283,10 +341,19 @@ struct SgdFunctor {
     const P* grad = static_cast<const P*>(t.grad);
     S* buf = static_cast<S*>(t.state0);
     // The first-step flag is a template parameter so each loop body stays branch-free.
-    if (t.first != 0)
-      sgd_chunk<P, S, PREC, MOMENTUM, true>(param, grad, buf, t.extra, c.begin, c.end, s, keys);
-    else
-      sgd_chunk<P, S, PREC, MOMENTUM, false>(param, grad, buf, t.extra, c.begin, c.end, s, keys);
+    if (stats == nullptr) {
+      if (t.first != 0)
+        sgd_chunk<P, S, PREC, MOMENTUM, true>(param, grad, buf, t.extra, c.begin, c.end, s, keys, NoStats{});
+      else
+        sgd_chunk<P, S, PREC, MOMENTUM, false>(param, grad, buf, t.extra, c.begin, c.end, s, keys, NoStats{});
+    } else {
+      float acc[kNumStats] = {};
+      if (t.first != 0)
+        sgd_chunk<P, S, PREC, MOMENTUM, true>(param, grad, buf, t.extra, c.begin, c.end, s, keys, RegisterStats{acc});
+      else
+        sgd_chunk<P, S, PREC, MOMENTUM, false>(param, grad, buf, t.extra, c.begin, c.end, s, keys, RegisterStats{acc});
+      add_block_stats(acc, stats + t.group_index * kNumStats);
+    }
   }
 };
 
@@ -297,8 +364,10 @@ struct StepCounters {
 };
 
 // Advances the counters of one call after its step kernels, unless found_inf is set. An
-// atomic add of 1.0f gives the same bits as the CPU's `*step += 1.0f` and keeps a counter
-// shared by several rows (each row advances it once, as on the CPU) race-free.
+// atomic add of 1.0f gives the same bits as the CPU's `*step += 1.0f`. Rows are expected to
+// have distinct counters (one per param, as torch keeps them); were one shared, it would
+// still end up advanced once per row, as on the CPU, but every row would have used the same
+// step number, where the CPU's rows see consecutive ones.
 __global__ void __launch_bounds__(kCounterThreads)
     increment_steps_kernel(const __grid_constant__ StepCounters counters, const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
@@ -326,7 +395,7 @@ void increment_steps(const StepCall& call) {
 // ---- host side of a step -------------------------------------------------------------------
 template <typename Functor>
 void run_step(const StepCall& call, const char* name) {
-  const Functor functor{call.scalars};
+  const Functor functor{call.scalars, call.stats};
   multi_tensor_apply<StepTensor>(
       call.n_tensors, kStepChunk, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; },
       [&](int64_t t) { return step_tensor(call, t); }, functor, call.stream, name);
@@ -458,18 +527,63 @@ void sum_squares_typed(const int64_t* ptrs, const int64_t* numels, int64_t n_ten
   check_launch("sum_squares_finish");
 }
 
+// ---- weight averaging ----------------------------------------------------------------------
+// avg += weight * (src - avg) (averaging.h), one block per chunk like the steps.
+struct AveragePair {
+  float* avg;
+  const void* src;
+};
+
+template <typename T>
+__device__ __forceinline__ void average_chunk(float* __restrict__ avg, const T* __restrict__ src, int64_t begin,
+                                              int64_t end, float weight) {
+  constexpr int64_t kT = kStepThreads;
+  for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
+#pragma unroll
+    for (int k = 0; k < kStepIlp; ++k) {
+      const int64_t i = base + k * kT;
+      if (i < end) average_element(avg, src, i, weight);
+    }
+  }
+}
+
+template <typename T>
+struct AverageFunctor {
+  static constexpr int kBlockThreads = kStepThreads;
+  static constexpr int kMinBlocksPerSm = kStepMinBlocks;
+  float weight;
+
+  int64_t grid(int64_t n_chunks) const { return n_chunks; }
+
+  __device__ void operator()(const TensorList<AveragePair>& list) const {
+    const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
+    const AveragePair& pair = list.meta[c.slot];
+    average_chunk<T>(pair.avg, static_cast<const T*>(pair.src), c.begin, c.end, weight);
+  }
+};
+
+template <typename T>
+void average_typed(const int64_t* avgs, const int64_t* srcs, const int64_t* numels, int64_t n_tensors, float weight,
+                   cudaStream_t stream) {
+  const AverageFunctor<T> functor{weight};
+  multi_tensor_apply<AveragePair>(
+      n_tensors, kStepChunk, [&](int64_t t) { return numels[t]; },
+      [&](int64_t t) { return AveragePair{reinterpret_cast<float*>(avgs[t]), reinterpret_cast<const void*>(srcs[t])}; },
+      functor, stream, "average");
+}
+
 }  // namespace
 
 // ---- entry points (declared again in bindings_cuda.cpp) ---------------------------------
 void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-               Precision precision, bool amsgrad, StepScalars scalars, cudaStream_t stream) {
-  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, amsgrad, scalars, stream};
+               Precision precision, bool amsgrad, StepScalars scalars, double* stats, cudaStream_t stream) {
+  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, amsgrad, scalars, stats, stream};
   dispatch<AdamKernel>(call);
 }
 
 void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-              Precision precision, bool momentum, StepScalars scalars, cudaStream_t stream) {
-  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, momentum, scalars, stream};
+              Precision precision, bool momentum, StepScalars scalars, double* stats, cudaStream_t stream) {
+  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, momentum, scalars, stats, stream};
   dispatch<SgdKernel>(call);
 }
 
@@ -484,5 +598,15 @@ void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, 
 }
 
 int64_t sum_squares_workspace_size() { return kReduceBlocks; }
+
+void average(const int64_t* avgs, const int64_t* srcs, const int64_t* numels, int64_t n_tensors, DType src_dtype,
+             float weight, cudaStream_t stream) {
+  switch (src_dtype) {
+    case DType::kFloat32: return average_typed<float>(avgs, srcs, numels, n_tensors, weight, stream);
+    case DType::kBFloat16: return average_typed<bf16_t>(avgs, srcs, numels, n_tensors, weight, stream);
+    case DType::kFloat16: return average_typed<fp16_t>(avgs, srcs, numels, n_tensors, weight, stream);
+  }
+  throw std::invalid_argument("fusedopt: unsupported dtype for average");
+}
 
 }  // namespace fusedopt::cuda

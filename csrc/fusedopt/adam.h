@@ -102,16 +102,24 @@ FUSEDOPT_HD void store_param(P* __restrict__ param, void* __restrict__ extra, in
   }
 }
 
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
+// In-step telemetry (track_stats) sees each element's grad as stored (before unscaling),
+// and the fp32 working value of the param before and after the update.
+struct NoStats {
+  FUSEDOPT_HD void add(float, float, float) const {}
+};
+
+template <typename P, typename S, Precision PREC, bool AMSGRAD, typename Stats = NoStats>
 FUSEDOPT_HD void adam_element(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
                               S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq, void* __restrict__ extra,
-                              int64_t i, const AdamScalars& s, const RoundingKeys& keys) {
+                              int64_t i, const AdamScalars& s, const RoundingKeys& keys, Stats stats = Stats{}) {
   float p = load_param<PREC>(param, static_cast<const float*>(extra), i);
   float old = p;
   float m = load_float(exp_avg[i]);
   float v = load_float(exp_avg_sq[i]);
   float vmax = AMSGRAD ? load_float(max_exp_avg_sq[i]) : 0.0f;
-  adam_update<AMSGRAD>(p, load_float(grad[i]), m, v, vmax, s);
+  float g = load_float(grad[i]);
+  adam_update<AMSGRAD>(p, g, m, v, vmax, s);
+  stats.add(g, old, p);
   store_state<PREC>(exp_avg + i, m, keys.state0, i);
   store_state<PREC>(exp_avg_sq + i, v, keys.state1, i);
   if (AMSGRAD) store_state<PREC>(max_exp_avg_sq + i, vmax, keys.state2, i);

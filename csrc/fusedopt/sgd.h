@@ -44,14 +44,16 @@ FUSEDOPT_HD void sgd_update(float& p, float g, float& buf, bool first, const Sgd
   p = p - s.lr * g;
 }
 
-template <typename P, typename S, Precision PREC, bool MOMENTUM>
+template <typename P, typename S, Precision PREC, bool MOMENTUM, typename Stats = NoStats>
 FUSEDOPT_HD void sgd_element(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ momentum_buffer,
                              void* __restrict__ extra, int64_t i, bool first, const SgdScalars& s,
-                             const RoundingKeys& keys) {
+                             const RoundingKeys& keys, Stats stats = Stats{}) {
   float p = load_param<PREC>(param, static_cast<const float*>(extra), i);
   float old = p;
   float buf = MOMENTUM && !first ? load_float(momentum_buffer[i]) : 0.0f;
-  sgd_update<MOMENTUM>(p, load_float(grad[i]), buf, first, s);
+  float g = load_float(grad[i]);
+  sgd_update<MOMENTUM>(p, g, buf, first, s);
+  stats.add(g, old, p);
   if (MOMENTUM) store_state<PREC>(momentum_buffer + i, buf, keys.state0, i);
   store_param<PREC>(param, extra, i, old, p, keys.param);
 }

@@ -47,4 +47,14 @@ struct StepScalars {
   const float* clip_coef = nullptr;   // global-norm clip factor, already min(1, ...)
 };
 
+// track_stats: per group, the kernel adds these sums into a (n_groups x kNumStats) float64
+// array; the norms are their square roots (the grad's divided by the grad scale).
+enum StatField : int {
+  kStatGradSq = 0,          // sum of grad^2 as stored (before unscale and clipping)
+  kStatParamSq = 1,         // sum of p^2 after the step
+  kStatUpdateSq = 2,        // sum of (p_after - p_before)^2
+  kStatParamBeforeSq = 3,   // sum of p^2 before the step
+  kNumStats = 4,
+};
+
 }  // namespace fusedopt

@@ -371,6 +371,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         clip = self._clip_coefficients(plan, grad_scale) if self.defaults.get("max_grad_norm") else {}
         groups = self._group_rows()
+        stats = self._stats_buffers(plan) if self.defaults.get("track_stats") else {}
         keep = []  # device copies of the AMP scalars must outlive the kernel calls
         for b in plan.buckets:
             mod = B.module_for(b.device)
@@ -379,6 +380,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for row, gi in b.lr_rows:
                 b.table[row, B.COL_LR] = self.param_groups[gi]["lr"].data_ptr()
             kwargs = dict(grad_scale=_ptr(gs), found_inf=_ptr(fi), clip_coef=_ptr(cc))
+            if b.device in stats:
+                kwargs["stats"] = stats[b.device].data_ptr()
             if b.device.type == "cpu":
                 kwargs["num_threads"] = B.num_threads()
             else:
@@ -386,7 +389,41 @@ class FusedOptimizer(torch.optim.Optimizer):
             getattr(mod, self._kernel)(b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
                                        B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
             b.clear_first_step()
+        if stats:
+            self._finish_stats(stats, grad_scale)
         return loss
+
+    # ---- telemetry (track_stats) -----------------------------------------------------------
+    def _stats_buffers(self, plan: Plan) -> dict:
+        """One zeroed (n_groups x 4) float64 sum buffer per device; the kernels add into it."""
+        n = len(self.param_groups)
+        return {dev: torch.zeros((n, 4), dtype=torch.float64, device=dev) for dev in {b.device for b in plan.buckets}}
+
+    def _finish_stats(self, sums: dict, grad_scale) -> None:
+        devices = list(sums)
+        home = devices[0]
+        total = sums[home] if len(devices) == 1 else torch.stack([s.to(home) for s in sums.values()]).sum(0)
+        roots = total.sqrt()
+        grad_norm = roots[:, 0]
+        if grad_scale is not None:
+            grad_norm = grad_norm / self._on(grad_scale, home).double()
+        ratio = roots[:, 2] / roots[:, 3]
+        self._last_stats = [
+            {"grad_norm": grad_norm[i].float(), "param_norm": roots[i, 1].float(), "update_ratio": ratio[i].float()}
+            for i in range(len(self.param_groups))
+        ]
+
+    def stats(self) -> list[dict]:
+        """Per param group, from the last step: ``grad_norm`` (L2 of the grads as used, after
+        unscaling and before clipping), ``param_norm`` (L2 of the params after the step) and
+        ``update_ratio`` (||p_after - p_before|| / ||p_before||), as 0-dim float32 tensors on
+        the params' device; no host sync. Needs ``track_stats=True``."""
+        if not self.defaults.get("track_stats"):
+            raise RuntimeError("stats() needs the optimizer to be built with track_stats=True")
+        stats = getattr(self, "_last_stats", None)
+        if stats is None:
+            raise RuntimeError("stats() is available after the first step()")
+        return stats
 
 
 def _ptr(t: torch.Tensor | None) -> int:
