@@ -58,7 +58,8 @@ std::vector<TensorPlan<Scalars>> plan_tensors(const StepCall& call, bool keys_ne
       last_step = step;
     }
     plans[t].scalars = scalars;
-    plans[t].keys = keys_needed ? rounding_keys(uint64_t(row[kColSeed]), row[kColParamIndex], int64_t(step))
+    plans[t].keys = keys_needed ? rounding_keys(uint64_t(row[kColSeed]), row[kColParamIndex], int64_t(step),
+                                                row[kColRngOffset])
                                 : RoundingKeys{};
     plans[t].first = (row[kColFlags] & kFlagFirstStep) != 0;
   }

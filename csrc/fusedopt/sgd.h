@@ -54,8 +54,9 @@ FUSEDOPT_HD void sgd_element(P* __restrict__ param, const P* __restrict__ grad, 
   float g = load_float(grad[i]);
   sgd_update<MOMENTUM>(p, g, buf, first, s);
   stats.add(g, old, p);
-  if (MOMENTUM) store_state<PREC>(momentum_buffer + i, buf, keys.state0, i);
-  store_param<PREC>(param, extra, i, old, p, keys.param);
+  const int64_t gi = keys.offset + i;
+  if (MOMENTUM) store_state<PREC>(momentum_buffer + i, buf, keys.state0, gi);
+  store_param<PREC>(param, extra, i, old, p, keys.param, gi);
 }
 
 }  // namespace fusedopt

@@ -22,7 +22,9 @@ enum TableColumn : int {
   kColFlags = 10,      // kFlagFirstStep: SGD momentum buffer starts as the grad
   kColLr = 11,         // optional float32* lr on the device (tensor lr); 0 = group lr
   kColSeed = 12,       // stochastic-rounding seed of the param's group
-  kNumTableColumns = 13,
+  kColRngOffset = 13,  // index of this tensor's first element in the full (unsharded) param:
+                       // random bits are keyed by the global index, so sharding never changes them
+  kNumTableColumns = 14,
 };
 
 enum TableFlags : int64_t { kFlagFirstStep = 1 };
