@@ -61,15 +61,18 @@ void check_tables(const Int64Array& table, const DoubleArray& groups, int precis
   }
 }
 
+int device_count();
+
 // Kernels launch on the calling thread's current device, and a stream belongs to one device.
 // When the stream's device is not the current one (several GPUs and no torch.cuda.device
 // guard in the caller), it is made current for the call and restored afterwards. Queries
-// only: no synchronisation, allowed during graph capture.
+// only, no synchronisation; with one GPU nothing is asked at all.
 class DeviceGuard {
  public:
   explicit DeviceGuard(cudaStream_t stream) {
 #if CUDART_VERSION >= 12080
-    if (stream == nullptr) return;  // the legacy default stream of the current device
+    static const int n_devices = device_count();
+    if (stream == nullptr || n_devices < 2) return;  // null: the legacy stream of the current device
     int device = -1;
     if (cudaStreamGetDevice(stream, &device) != cudaSuccess || cudaGetDevice(&previous_) != cudaSuccess) {
       (void)cudaGetLastError();

@@ -57,6 +57,7 @@ struct StepTensor {
   const float* lr;
   uint64_t seed;
   int64_t param_index;
+  int64_t rng_offset;   // global index of the first element (shards of a larger param)
   int64_t group_index;  // row of the group table: the stats slot of track_stats
   double group[kNumGroupFields];
   int32_t first;  // SGD: the momentum buffer starts as the grad
@@ -89,6 +90,7 @@ StepTensor step_tensor(const StepCall& call, int64_t t) {
   m.lr = reinterpret_cast<const float*>(row[kColLr]);
   m.seed = uint64_t(row[kColSeed]);
   m.param_index = row[kColParamIndex];
+  m.rng_offset = row[kColRngOffset];
   m.group_index = row[kColGroup];
   std::memcpy(m.group, call.groups + row[kColGroup] * kNumGroupFields, sizeof m.group);
   m.first = (row[kColFlags] & kFlagFirstStep) != 0 ? 1 : 0;
@@ -284,7 +286,7 @@ struct AdamFunctor {
       if (run) {
         const double step = next_step(t.step);
         shared_scalars = adam_scalars(t.group, tensor_lr(t), step, unscale);
-        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step));
+        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step), t.rng_offset);
       }
       shared_run = run ? 1 : 0;
     }
@@ -329,7 +331,7 @@ struct SgdFunctor {
         // SGD keeps a step only when stochastic rounding keys its random bits by it.
         const double step = next_step(t.step);
         shared_scalars = sgd_scalars(t.group, tensor_lr(t), unscale);
-        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step));
+        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step), t.rng_offset);
       }
       shared_run = run ? 1 : 0;
     }
