@@ -98,14 +98,17 @@ void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& n
 struct TensorAccessors {
   PyObject* data_ptr = nullptr;       // method descriptor
   PyObject* is_contiguous = nullptr;  // method descriptor
+  PyObject* numel = nullptr;          // method descriptor
   PyObject* grad = nullptr;           // getset descriptor
   PyObject* dtype = nullptr;          // getset descriptor
 } g_access;
 
-void set_tensor_accessors(py::object data_ptr, py::object is_contiguous, py::object grad, py::object dtype) {
+void set_tensor_accessors(py::object data_ptr, py::object is_contiguous, py::object numel, py::object grad,
+                          py::object dtype) {
   for (PyObject* d : {grad.ptr(), dtype.ptr()})
     if (Py_TYPE(d)->tp_descr_get == nullptr) throw std::invalid_argument("fusedopt: expected attribute descriptors");
-  g_access = {data_ptr.release().ptr(), is_contiguous.release().ptr(), grad.release().ptr(), dtype.release().ptr()};
+  g_access = {data_ptr.release().ptr(), is_contiguous.release().ptr(), numel.release().ptr(), grad.release().ptr(),
+              dtype.release().ptr()};
 }
 
 PyObject* get(PyObject* descr, PyObject* obj) {
@@ -121,10 +124,10 @@ bool call_int(PyObject* method, PyObject* self, long long* out) {
 }
 
 // The per-step part of the pointer table: re-reads every param's address and its grad's
-// address, dtype and contiguity in one C loop (these per-tensor calls are what dominates a
+// address, dtype, size and contiguity in one C loop (these per-tensor calls are what dominates a
 // step of many small tensors). Returns -1 when every row is still valid and its grad
 // column is filled, else the first row that needs the slow path (param storage moved, grad
-// missing, of another dtype, or not contiguous); the table must then be rebuilt.
+// missing, of another dtype or size, or not contiguous); the table must then be rebuilt.
 int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Array& table) {
   if (g_access.data_ptr == nullptr) throw std::logic_error("fusedopt: set_tensor_accessors was not called");
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
@@ -143,8 +146,9 @@ int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Arra
       ok = gd == dtype.ptr();
       Py_XDECREF(gd);
     }
-    long long gptr = 0, contiguous = 0;
-    ok = ok && call_int(g_access.is_contiguous, g, &contiguous) && contiguous == 1 && call_int(g_access.data_ptr, g, &gptr);
+    long long gptr = 0, contiguous = 0, numel = -1;
+    ok = ok && call_int(g_access.numel, g, &numel) && numel == rows[i * kNumTableColumns + kColNumel] &&
+         call_int(g_access.is_contiguous, g, &contiguous) && contiguous == 1 && call_int(g_access.data_ptr, g, &gptr);
     Py_DECREF(g);
     if (!ok) return PyErr_Clear(), i;
     rows[i * kNumTableColumns + kColGrad] = gptr;
@@ -166,8 +170,8 @@ PYBIND11_MODULE(_C, m) {
   std::apply([&](auto... a) { m.def("sgd_step", &run_step<&KernelTable::sgd_step>, a...); }, step_args("momentum"));
   m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("num_threads") = 1,
         "Sum of squares (float64 accumulation) over a list of tensors.");
-  m.def("set_tensor_accessors", &set_tensor_accessors, py::arg("data_ptr"), py::arg("is_contiguous"), py::arg("grad"),
-        py::arg("dtype"));
+  m.def("set_tensor_accessors", &set_tensor_accessors, py::arg("data_ptr"), py::arg("is_contiguous"), py::arg("numel"),
+        py::arg("grad"), py::arg("dtype"));
   m.def("refresh_grads", &refresh_grads, py::arg("params"), py::arg("dtype"), py::arg("table"),
         "Refreshes the grad column of a cached pointer table; -1 if valid, else the first stale row.");
   m.def("average", &average, py::arg("avgs"), py::arg("srcs"), py::arg("numels"), py::arg("src_dtype"),

@@ -41,13 +41,17 @@ FUSEDOPT_HD AdamScalars adam_scalars(const double* group, double lr, double step
   return s;
 }
 
+// The L2 term of coupled decay; exactly 0 when there is none, as torch then skips the add
+// (0 * inf would turn an inf param into NaN).
+FUSEDOPT_HD float coupled_decay(float p, float coupled_wd) { return coupled_wd != 0.0f ? coupled_wd * p : 0.0f; }
+
 // torch.maximum semantics: a NaN on either side wins.
 FUSEDOPT_HD float nan_max(float a, float b) { return (b != b || b > a) ? b : a; }
 
 // One element of Adam in fp32 registers, in torch.optim's operation order.
 template <bool AMSGRAD>
 FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
-  g = g * s.grad_factor + s.coupled_wd * p;
+  g = g * s.grad_factor + coupled_decay(p, s.coupled_wd);
   p = p * s.decay_factor;
   m = m + s.one_minus_beta1 * (g - m);
   v = s.beta2 * v + s.one_minus_beta2 * (g * g);

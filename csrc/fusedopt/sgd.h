@@ -35,7 +35,7 @@ FUSEDOPT_HD SgdScalars sgd_scalars(const double* group, double lr, float unscale
 // on the step that creates the momentum buffer: torch then sets it to the grad itself.
 template <bool MOMENTUM>
 FUSEDOPT_HD void sgd_update(float& p, float g, float& buf, bool first, const SgdScalars& s) {
-  g = g * s.grad_factor + s.coupled_wd * p;
+  g = g * s.grad_factor + coupled_decay(p, s.coupled_wd);
   p = p * s.decay_factor;
   if (MOMENTUM) {
     buf = first ? g : s.momentum * buf + s.one_minus_dampening * g;

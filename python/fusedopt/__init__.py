@@ -5,5 +5,7 @@ from .adam import Adam, AdamW
 from .sgd import SGD
 from . import functional
 from ._config import show_config
+from . import schedules, averaging
+from ._param_groups import param_groups
 
-__all__ = ["Adam", "AdamW", "SGD", "functional", "show_config", "__version__"]
+__all__ = ["Adam", "AdamW", "SGD", "functional", "show_config", "__version__", "schedules", "averaging", "param_groups"]

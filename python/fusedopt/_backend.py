@@ -26,7 +26,7 @@ FLAG_FIRST_STEP = 1
 (G_LR, G_BETA1, G_BETA2, G_EPS, G_WEIGHT_DECAY, G_WD_MODE, G_MAXIMIZE, G_NESTEROV) = range(8)
 GROUP_FIELDS = 8
 _TB = torch._C.TensorBase
-_C.set_tensor_accessors(_TB.data_ptr, _TB.is_contiguous, _TB.__dict__["grad"], _TB.__dict__["dtype"])
+_C.set_tensor_accessors(_TB.data_ptr, _TB.is_contiguous, _TB.numel, _TB.__dict__["grad"], _TB.__dict__["dtype"])
 assert _C.table_columns == TABLE_COLUMNS and _C.group_fields == GROUP_FIELDS, "stale fusedopt._C build"
 
 TORCH_DTYPE_CODES = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}
@@ -75,6 +75,8 @@ def is_dense(shape, strides) -> bool:
     """Contiguous or a permutation of a contiguous layout (no gaps, no overlap): the kernels
     can then walk the storage as one flat array in which every tensor of the same layout
     lines up element for element."""
+    if any(n == 0 for n in shape):
+        return True  # no elements: nothing to walk
     expected = 1
     for stride, size in sorted((s, n) for s, n in zip(strides, shape) if n != 1):
         if stride != expected:

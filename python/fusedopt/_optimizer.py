@@ -11,6 +11,7 @@ import torch
 
 from . import _backend as B
 from ._plan import Bucket, Plan
+from ._state import Generation, TrackedState
 
 _PRECISION_KEYS = ("master_weights", "stochastic_rounding", "kahan_summation")
 _IMPL_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
@@ -82,13 +83,33 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, impl: dict):
         if impl.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fusedopt (its kernels are not autograd-aware)")
+        self._gen = Generation()
         super().__init__(params, defaults)
-        self._generation = 0
         self._plan: Plan | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self._saved_state: dict | None = None
         self.register_load_state_dict_pre_hook(FusedOptimizer._stash_saved_state)
         self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
+        self.register_state_dict_post_hook(FusedOptimizer._plain_state_dict)
+
+    @property
+    def state(self):
+        """torch's per-param state; a container that invalidates the cached pointer table
+        whenever anything in it is replaced."""
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        if "_gen" not in self.__dict__:
+            self._gen = Generation()
+        self._gen.bump()
+        tracked = isinstance(value, TrackedState) and value._generation is self._gen
+        self._state = value if tracked else TrackedState(self._gen, value)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # torch puts "state" into __dict__, past the property
+        self.state = self.__dict__.pop("state", self.__dict__.get("_state", {}))
+        self._plan = None
 
     # ---- algorithm hooks (overridden) ------------------------------------------------------
     def _moment_keys(self, group) -> tuple[str, ...]:
@@ -110,7 +131,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         self._check_group_precision(param_group)
         super().add_param_group(param_group)
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._gen.bump()
 
     def _check_group_precision(self, group: dict) -> None:
         params = group["params"]
@@ -139,6 +160,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         return None
 
     @staticmethod
+    def _plain_state_dict(optimizer, state_dict):
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
+
+    @staticmethod
     def _after_load(optimizer):
         saved, ids = optimizer._saved_state, optimizer._saved_ids
         optimizer._saved_state = optimizer._saved_ids = None
@@ -155,7 +181,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state[key] = value.to(device=target, dtype=torch.float32)
                 elif value.dtype != state[key].dtype or state[key].device != target:
                     state[key] = value.to(device=target)
-        optimizer._generation += 1
+        optimizer._gen.bump()
         optimizer._plan = None
 
     def _param_label(self, gi: int, j: int, p: torch.Tensor) -> str:
@@ -192,8 +218,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{label}: params of dtype {p.dtype} are not supported (float32, bfloat16, float16)")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{label}: device {p.device} is not supported (cpu, cuda)")
-        if p.layout != torch.strided or not B.is_dense(p.shape, p.stride()):
-            raise ValueError(f"{label}: params must be dense in memory (contiguous or a permutation of it)")
+        if p.layout != torch.strided:
+            raise ValueError(f"{label}: params must be strided (dense) tensors, got layout {p.layout}")
         if g.is_sparse or g.layout != torch.strided:
             raise ValueError(f"{label}: sparse gradients are not supported; use a dense grad")
         if g.dtype != p.dtype:
@@ -202,8 +228,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{label}: grad is on {g.device}, param on {p.device}")
         if g.shape != p.shape:
             raise ValueError(f"{label}: grad shape {tuple(g.shape)} does not match the param")
-        if g.stride() != p.stride() and p.numel() > 1:
-            g = torch.empty_like(p).copy_(g)  # same layout as the param; used for this step only
         sd = self._state_dtype(group, p, state)
         precision = self._precision(group)
         supported = {torch.float32: (torch.float32, torch.bfloat16), torch.bfloat16: (torch.float32, torch.bfloat16),
@@ -230,33 +254,39 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{label}: state 'step' must be a number or a tensor, got {type(step).__name__}")
         if isinstance(step, torch.Tensor) and step.numel() != 1:
             raise ValueError(f"{label}: state 'step' must hold one value, got shape {tuple(step.shape)}")
-        return sd, precision, g
+        return sd, precision
 
-    def _prepare_state(self, group, p, state, sd, precision) -> bool:
-        """Creates missing state and puts existing state in the param's layout/device.
-        Returns True when a momentum-like buffer was created now (SGD's first step)."""
+    def _prepare_state(self, group, p, layout, state, sd, precision) -> bool:
+        """Creates missing state and puts existing state in `layout`'s strides and device (the
+        param itself, or its contiguous stand-in). Returns True when a momentum-like buffer
+        was created now (SGD's first step)."""
         created = False
         for k in self._moment_keys(group):
             t = state.get(k)
             if not isinstance(t, torch.Tensor):
-                state[k] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+                state[k] = torch.zeros_like(layout, dtype=sd, memory_format=torch.preserve_format)
                 created = True
-            elif t.stride() != p.stride() or t.device != p.device:
-                state[k] = torch.empty_like(p, dtype=sd).copy_(t)
+            elif t.stride() != layout.stride() or t.device != p.device:
+                state[k] = torch.empty_like(layout, dtype=sd).copy_(t)
         if self._uses_step(group):
             step = state.get("step")
             if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != p.device:
                 value = 0.0 if step is None else float(step)
                 state["step"] = torch.tensor(value, dtype=torch.float32, device=p.device)
         if precision == B.MASTER and not isinstance(state.get("master_param"), torch.Tensor):
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+            state["master_param"] = torch.empty_like(layout, dtype=torch.float32).copy_(p.detach())
         if precision == B.KAHAN and not isinstance(state.get("kahan_comp"), torch.Tensor):
-            state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["kahan_comp"] = torch.zeros_like(layout, memory_format=torch.preserve_format)
         for k in ("master_param", "kahan_comp"):
             t = state.get(k)
-            if isinstance(t, torch.Tensor) and (t.stride() != p.stride() or t.device != p.device):
-                state[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+            if isinstance(t, torch.Tensor) and (t.stride() != layout.stride() or t.device != p.device):
+                state[k] = torch.empty_like(layout, dtype=t.dtype).copy_(t)
         return created
+
+    def _structure(self, group) -> tuple:
+        """What of a group shapes the plan (a change rebuilds it); scalars like lr do not."""
+        return (self._variant(group), self._precision(group), group.get("state_dtype"), self._uses_step(group),
+                isinstance(group["lr"], torch.Tensor), group.get("seed", 0))
 
     def _build_plan(self) -> Plan:
         entries = []
@@ -270,15 +300,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     without_grad.append(p)
                     continue
-                state = self.state.get(p, {})
-                sd, precision, g = self._validate(gi, j, p, g, state, group)
-                entries.append((gi, j, k, p, g, sd, precision))
+                sd, precision = self._validate(gi, j, p, g, self.state.get(p, {}), group)
+                entries.append((gi, k, p, g, sd, precision))
         # Pass 2: lazy state and the tables.
         buckets: dict[tuple, Bucket] = {}
-        for gi, j, k, p, g, sd, precision in entries:
+        reusable = True
+        for gi, k, p, g, sd, precision in entries:
             group = self.param_groups[gi]
-            state = self.state[p]
-            first = self._prepare_state(group, p, state, sd, precision)
+            # A param with gaps or overlap in memory (a strided view) is updated through a
+            # contiguous stand-in, copied back after the kernel; its state is contiguous.
+            staged = not B.is_dense(p.shape, p.stride())
+            layout = p.detach().contiguous() if staged else p.detach()
+            if g.stride() != layout.stride() and layout.numel() > 1:
+                g = torch.empty_like(layout).copy_(g)  # the param's layout, for this step only
+            state = self.state.get(p)
+            fresh = state is None
+            state = {} if fresh else state
+            first = self._prepare_state(group, p, layout, state, sd, precision)
+            if fresh and state:
+                self.state[p] = state  # torch keeps no entry for a param without state
+                state = self.state[p]
             variant = self._variant(group)
             key = (p.device, p.dtype, sd, precision, variant)
             b = buckets.get(key)
@@ -289,7 +330,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state.get("kahan_comp") if precision == B.KAHAN else None)
             step = state.get("step") if self._uses_step(group) else None
             row = [0] * B.TABLE_COLUMNS
-            row[B.COL_PARAM] = p.data_ptr()
+            row[B.COL_PARAM] = layout.data_ptr()
             row[B.COL_GRAD] = g.data_ptr()
             for col, t in zip((B.COL_STATE0, B.COL_STATE1, B.COL_STATE2), moments):
                 row[col] = t.data_ptr()
@@ -303,13 +344,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and lr.device == p.device and p.device.type == "cuda":
                 b.lr_rows.append((len(b.params), gi))
+            if staged:
+                b.writebacks.append((p, layout))
+                reusable = False
+            # The C refresh only proves contiguous rows valid; others rebuild every step.
+            reusable = reusable and p.is_contiguous()
             b.params.append(p)
             b.rows.append(row)
-            b.keepalive += [p.detach(), g, *moments, extra, step]
+            b.keepalive += [layout, g, *moments, extra, step]
         for b in buckets.values():
             b.freeze()
-        return Plan(self._generation, [g["params"] for g in self.param_groups],
-                    [len(g["params"]) for g in self.param_groups], list(buckets.values()), without_grad)
+        return Plan(self._gen.value, self.state, [self._structure(g) for g in self.param_groups],
+                    [g["params"] for g in self.param_groups], [len(g["params"]) for g in self.param_groups],
+                    list(buckets.values()), without_grad, reusable)
 
     def _current_plan(self) -> Plan:
         plan = self._plan
@@ -388,7 +435,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 kwargs["stream"] = torch.cuda.current_stream(b.device).cuda_stream
             getattr(mod, self._kernel)(b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
                                        B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
-            b.clear_first_step()
+            for p, stand_in in b.writebacks:
+                p.copy_(stand_in)
+            # A skipped (found_inf) first step leaves the new buffers for the next real step;
+            # reading the flag syncs once on CUDA, and only while first-step rows exist.
+            if b.first_step_rows and not (fi is not None and bool(fi)):
+                b.clear_first_step()
         if stats:
             self._finish_stats(stats, grad_scale)
         return loss

@@ -29,6 +29,7 @@ class Bucket:
     keepalive: list = field(default_factory=list)  # every tensor whose address is in the table
     table: np.ndarray | None = None
     lr_rows: list = field(default_factory=list)   # (row, group index) of rows with a device lr
+    writebacks: list = field(default_factory=list)  # (param, contiguous stand-in) to copy back
     first_step_rows: bool = False
 
     def freeze(self):
@@ -48,21 +49,23 @@ class Bucket:
 
 @dataclass
 class Plan:
-    generation: int
+    generation: int             # the optimizer's state/group mutation count when built
+    state: object               # the optimizer.state object it was built from
+    structures: list            # per group, what shapes the plan (FusedOptimizer._structure)
     group_lists: list           # the groups' `params` lists, by identity
     group_lengths: list
     buckets: list
     without_grad: list          # params that had no grad when the plan was built
-    all_grads_dense: bool = True
+    reusable: bool              # False: rebuild next step (staged or non-contiguous params)
 
     def still_valid(self, optimizer) -> bool:
-        if self.generation != optimizer._generation:
+        if not self.reusable or self.generation != optimizer._gen.value or self.state is not optimizer.state:
             return False
         groups = optimizer.param_groups
         if len(groups) != len(self.group_lists):
             return False
-        for g, lst, n in zip(groups, self.group_lists, self.group_lengths):
-            if g["params"] is not lst or len(lst) != n:
+        for g, lst, n, structure in zip(groups, self.group_lists, self.group_lengths, self.structures):
+            if g["params"] is not lst or len(lst) != n or optimizer._structure(g) != structure:
                 return False
         # A param that gained a grad must join a bucket.
         for p in self.without_grad:

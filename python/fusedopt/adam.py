@@ -11,6 +11,18 @@ def _as_float(x):
     return float(x) if isinstance(x, torch.Tensor) else x
 
 
+def _check_betas(betas):
+    """torch's rules for tensor betas: both floats or both 1-element tensors (kept as 0-dim
+    tensors, read once per step)."""
+    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    return tuple(b.reshape(()) if isinstance(b, torch.Tensor) else b for b in betas)
+
+
 class Adam(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (coupled L2 decay unless
     ``decoupled_weight_decay=True``), plus fusedopt's precision keywords (see API.md)."""
@@ -28,6 +40,7 @@ class Adam(FusedOptimizer):
         if not 0.0 <= _as_float(betas[1]) < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         check_weight_decay(weight_decay)
+        betas = _check_betas(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
