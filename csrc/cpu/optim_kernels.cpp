@@ -8,6 +8,7 @@
 #include "../fusedopt/adam.h"
 #include "../fusedopt/averaging.h"
 #include "../fusedopt/sgd.h"
+#include "../fusedopt/step_dispatch.h"
 #include "multi_tensor_cpu.h"
 #include "step_call.h"
 
@@ -196,46 +197,6 @@ void sgd_loop(const StepCall& call) {
   stats.finish(work.chunks());
 }
 
-// Turns the runtime (param dtype, state dtype, precision, variant) into a template
-// instantiation. Only the combinations the Python layer can ask for are built.
-template <template <typename, typename, Precision, bool> class Kernel>
-void dispatch(const StepCall& call) {
-  using F = float;
-  using B = bf16_t;
-  using H = fp16_t;
-#define FUSEDOPT_VARIANTS(P, S, PREC)                                  \
-  return call.variant ? Kernel<P, S, PREC, true>::run(call) : Kernel<P, S, PREC, false>::run(call)
-  const DType pd = call.param_dtype, sd = call.state_dtype;
-  const Precision pr = call.precision;
-  if (pd == DType::kFloat32 && pr == Precision::kPlain) {
-    if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
-    if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
-  }
-  if (pd == DType::kBFloat16) {
-    if (sd == DType::kFloat32) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, F, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, F, Precision::kMaster);
-      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, F, Precision::kStochastic);
-      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, F, Precision::kKahan);
-    }
-    if (sd == DType::kBFloat16) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, B, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, B, Precision::kMaster);
-      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
-      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
-    }
-  }
-  if (pd == DType::kFloat16) {
-    if (sd == DType::kFloat32) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, F, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
-    }
-    if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
-  }
-#undef FUSEDOPT_VARIANTS
-  throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");
-}
-
 template <typename P, typename S, Precision PREC, bool V>
 struct AdamKernel {
   static void run(const StepCall& call) { adam_loop<P, S, PREC, V>(call); }
@@ -311,8 +272,8 @@ void average(const AverageCall& call) {
 #define FUSEDOPT_STR(x) FUSEDOPT_STR2(x)
 
 KernelTable kernels() {
-  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch<AdamKernel>(c); },
-          [](const StepCall& c) { dispatch<SgdKernel>(c); }, sum_squares, average};
+  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<AdamKernel>(c); },
+          [](const StepCall& c) { dispatch_step<SgdKernel>(c); }, sum_squares, average};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

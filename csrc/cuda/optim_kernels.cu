@@ -15,6 +15,7 @@
 #include "../fusedopt/adam.h"
 #include "../fusedopt/averaging.h"
 #include "../fusedopt/sgd.h"
+#include "../fusedopt/step_dispatch.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedopt::cuda {
@@ -413,46 +414,6 @@ struct SgdKernel {
   static void run(const StepCall& call) { run_step<SgdFunctor<P, S, PREC, V>>(call, "sgd_step"); }
 };
 
-// Turns the runtime (param dtype, state dtype, precision, variant) into a template
-// instantiation: the same combinations as the CPU's dispatch, nothing else.
-template <template <typename, typename, Precision, bool> class Kernel>
-void dispatch(const StepCall& call) {
-  using F = float;
-  using B = bf16_t;
-  using H = fp16_t;
-#define FUSEDOPT_VARIANTS(P, S, PREC) \
-  return call.variant ? Kernel<P, S, PREC, true>::run(call) : Kernel<P, S, PREC, false>::run(call)
-  const DType pd = call.param_dtype, sd = call.state_dtype;
-  const Precision pr = call.precision;
-  if (pd == DType::kFloat32 && pr == Precision::kPlain) {
-    if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
-    if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
-  }
-  if (pd == DType::kBFloat16) {
-    if (sd == DType::kFloat32) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, F, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, F, Precision::kMaster);
-      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, F, Precision::kStochastic);
-      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, F, Precision::kKahan);
-    }
-    if (sd == DType::kBFloat16) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, B, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, B, Precision::kMaster);
-      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
-      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
-    }
-  }
-  if (pd == DType::kFloat16) {
-    if (sd == DType::kFloat32) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, F, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
-    }
-    if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
-  }
-#undef FUSEDOPT_VARIANTS
-  throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");
-}
-
 // ---- deterministic sum of squares --------------------------------------------------------------
 // Sum over the block in a fixed order (shuffle tree per warp, then warps in order); the
 // result is valid in thread 0. Called once per kernel.
@@ -580,13 +541,13 @@ void average_typed(const int64_t* avgs, const int64_t* srcs, const int64_t* nume
 void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
                Precision precision, bool amsgrad, StepScalars scalars, double* stats, cudaStream_t stream) {
   const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, amsgrad, scalars, stats, stream};
-  dispatch<AdamKernel>(call);
+  dispatch_step<AdamKernel>(call);
 }
 
 void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
               Precision precision, bool momentum, StepScalars scalars, double* stats, cudaStream_t stream) {
   const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, momentum, scalars, stats, stream};
-  dispatch<SgdKernel>(call);
+  dispatch_step<SgdKernel>(call);
 }
 
 void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,

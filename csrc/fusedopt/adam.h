@@ -21,17 +21,32 @@ struct AdamScalars {
   float eps;
 };
 
+// The two weight-decay terms of a group for this lr: the L2 coefficient added to the grad
+// (coupled mode) and the factor the param is multiplied by before the update.
+struct DecayTerms {
+  float coupled_wd;
+  float decay_factor;
+};
+
+FUSEDOPT_HD DecayTerms decay_terms(const double* group, double lr) {
+  const double wd = group[kGroupWeightDecay];
+  switch (WeightDecayMode(int(group[kGroupWdMode]))) {
+    case WeightDecayMode::kCoupled: return {float(wd), 1.0f};
+    case WeightDecayMode::kDecoupled: return {0.0f, float(1.0 - lr * wd)};
+    case WeightDecayMode::kIndependent: return {0.0f, float(1.0 - wd)};
+  }
+  return {0.0f, 1.0f};
+}
+
 // `step` is the step number after this update (1 on the first). Done in double, as torch
 // does these scalars in Python floats.
 FUSEDOPT_HD AdamScalars adam_scalars(const double* group, double lr, double step, float unscale) {
   AdamScalars s;
-  double beta1 = group[kGroupBeta1], beta2 = group[kGroupBeta2], wd = group[kGroupWeightDecay];
-  int mode = int(group[kGroupWdMode]);
+  double beta1 = group[kGroupBeta1], beta2 = group[kGroupBeta2];
   s.grad_factor = (group[kGroupMaximize] != 0.0 ? -1.0f : 1.0f) * unscale;
-  s.coupled_wd = mode == int(WeightDecayMode::kCoupled) ? float(wd) : 0.0f;
-  s.decay_factor = mode == int(WeightDecayMode::kDecoupled)     ? float(1.0 - lr * wd)
-                   : mode == int(WeightDecayMode::kIndependent) ? float(1.0 - wd)
-                                                                : 1.0f;
+  const DecayTerms decay = decay_terms(group, lr);
+  s.coupled_wd = decay.coupled_wd;
+  s.decay_factor = decay.decay_factor;
   s.one_minus_beta1 = float(1.0 - beta1);
   s.beta2 = float(beta2);
   s.one_minus_beta2 = float(1.0 - beta2);

@@ -17,13 +17,10 @@ struct SgdScalars {
 
 FUSEDOPT_HD SgdScalars sgd_scalars(const double* group, double lr, float unscale) {
   SgdScalars s;
-  double wd = group[kGroupWeightDecay];
-  int mode = int(group[kGroupWdMode]);
   s.grad_factor = (group[kGroupMaximize] != 0.0 ? -1.0f : 1.0f) * unscale;
-  s.coupled_wd = mode == int(WeightDecayMode::kCoupled) ? float(wd) : 0.0f;
-  s.decay_factor = mode == int(WeightDecayMode::kDecoupled)     ? float(1.0 - lr * wd)
-                   : mode == int(WeightDecayMode::kIndependent) ? float(1.0 - wd)
-                                                                : 1.0f;
+  const DecayTerms decay = decay_terms(group, lr);
+  s.coupled_wd = decay.coupled_wd;
+  s.decay_factor = decay.decay_factor;
   s.lr = float(lr);
   s.momentum = float(group[kGroupBeta1]);
   s.one_minus_dampening = float(1.0 - group[kGroupBeta2]);

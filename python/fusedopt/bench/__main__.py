@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_positive_float, default=1.0,
                    help="multiply every case's param count (first dim of each shape, min 1)")
     p.add_argument("--quick", action="store_true",
-                   help="5 rounds, 1 warm-up step, >= 5 ms samples, 5 bandwidth samples "
-                        "(same tensor sizes)")
+                   help="5 rounds, 1 warm-up step, >= 5 ms samples, 5 bandwidth samples, "
+                        "120 s time budget (same tensor sizes)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="interleaved timing rounds (default 20, --quick 5)")
     p.add_argument("--warmup", type=_positive_int, default=None,
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of GB/s per contender and case (default: the JSON path with .png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop each case's timing rounds (after 3) when its share of S seconds is "
+                        "spent (--quick: 120; 0 = no budget)")
     p.add_argument("--no-peers", action="store_true", help="do not look for peer libraries")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.add_argument("--bandwidth-mib", type=_positive_float, default=None,
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
         return 2
     st = Settings.make(device=device, cases=[c.name for c in selected], scale=args.scale,
                        quick=args.quick, repeats=args.repeats, warmup=args.warmup,
-                       peers=not args.no_peers, seed=args.seed, bandwidth_mib=args.bandwidth_mib)
+                       peers=not args.no_peers, seed=args.seed, bandwidth_mib=args.bandwidth_mib,
+                       time_budget_s=args.time_budget)
     progress = Progress(total=st.repeats * len(selected), enabled=not args.no_progress)
     progress.note(f"fusedopt-bench on {device}: {len(selected)} case(s); {st.describe()}")
     t0 = time.perf_counter()

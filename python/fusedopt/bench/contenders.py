@@ -38,6 +38,7 @@ class Runner:
     detail: str
     numel: int = 0
     inner: int = 1                              # steps per timed sample
+    warm_s: float | None = None                 # duration of the last warm-up step
     samples: list = field(default_factory=list)  # seconds per step, one per sample
 
     def __post_init__(self):

@@ -47,7 +47,8 @@ def format_table(doc: dict) -> str:
     lines = header_lines(doc)
     st = doc["settings"]
     lines.append(f"settings: {'quick, ' if st['quick'] else ''}{st['repeats']} interleaved rounds, "
-                 f"{st['warmup']} warm-up step(s), scale {st['scale']:g}")
+                 f"{st['warmup']} warm-up step(s), scale {st['scale']:g}"
+                 + (f", time budget {st['time_budget_s']:g} s" if st.get("time_budget_s") else ""))
     lines.append("B/p = model bytes moved per param per step; GB/s = B/p x params / median time; "
                  "% BW = of the streaming bandwidth;")
     lines.append("vs torch-fused = torch-fused time / this time (>1 is faster); "
@@ -62,6 +63,8 @@ def format_table(doc: dict) -> str:
         if case["status"] != "ok":
             lines.append(f"  skipped: {case['reason']}")
             continue
+        if case.get("rounds", st["repeats"]) < st["repeats"]:
+            lines.append(f"  ({case['rounds']} of {st['repeats']} rounds: time budget reached)")
         for r in case["results"]:
             name = "  " + r["contender"]
             if r["status"] != "ok":

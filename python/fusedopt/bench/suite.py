@@ -31,17 +31,22 @@ class Settings:
     bandwidth_repeats: int = 20
     peers: bool = True
     seed: int = 0
+    time_budget_s: float | None = None   # --quick: stop timing rounds early (>= 3) to fit
 
     @classmethod
     def make(cls, *, device="cpu", cases=None, scale=1.0, quick=False, repeats=None, warmup=None,
-             peers=True, seed=0, bandwidth_mib=None) -> "Settings":
+             peers=True, seed=0, bandwidth_mib=None, time_budget_s=None) -> "Settings":
         """Defaults, or the ``--quick`` ones: 5 rounds, 1 warm-up step, >= 5 ms samples,
-        5 bandwidth samples; tensor sizes unchanged (``--scale`` changes them)."""
+        5 bandwidth samples and a 120 s time budget (on a loaded machine a case stops after
+        3 rounds once its share is spent); tensor sizes unchanged (``--scale`` changes them)."""
         s = cls(device=device, scale=scale, quick=quick, peers=peers, seed=seed)
         if cases is not None:
             s.cases = list(cases)
         if quick:
             s.repeats, s.warmup, s.min_sample_s, s.max_inner, s.bandwidth_repeats = 5, 1, 0.005, 20, 5
+            s.time_budget_s = 120.0
+        if time_budget_s is not None:
+            s.time_budget_s = time_budget_s if time_budget_s > 0 else None
         if repeats is not None:
             s.repeats = max(1, int(repeats))
         if warmup is not None:
@@ -54,7 +59,8 @@ class Settings:
     def describe(self) -> str:
         return (f"{self.repeats} interleaved rounds, {self.warmup} warm-up step(s), samples of "
                 f">= {self.min_sample_s * 1e3:g} ms (<= {self.max_inner} steps), scale {self.scale:g}, "
-                f"bandwidth probe {self.bandwidth_mib:g} MiB x {self.bandwidth_repeats}")
+                f"bandwidth probe {self.bandwidth_mib:g} MiB x {self.bandwidth_repeats}"
+                + (f", time budget {self.time_budget_s:g} s" if self.time_budget_s else ""))
 
 
 def _source_tensors(shapes, device: str, seed: int):
@@ -93,7 +99,8 @@ def _skipped(contender: _ct.Contender | str, reason: str, kind: str | None = Non
 
 
 def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, peers_available,
-             bw_gb_s: float, progress) -> dict:
+             bw_gb_s: float, progress, deadline: float | None = None) -> dict:
+    """One case. ``deadline`` (perf_counter time): stop timing rounds there, after >= 3."""
     shapes = case.shapes(st.device, st.scale)
     n = _cases.numel(shapes)
     doc = dict(name=case.name, description=case.description, optimizer=case.optimizer,
@@ -101,7 +108,7 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
                fusedopt_kwargs=_jsonable(case.fusedopt_kwargs), n_params=n, n_tensors=len(shapes),
                largest_tensor=list(max(shapes, key=lambda s: _cases.numel([s]))),
                bytes_per_param=case.bytes_per_param, bytes_model=case.bytes_model,
-               status="ok", reason=None, results=[])
+               status="ok", reason=None, rounds=0, results=[])
     t0 = time.perf_counter()
     if case.precision:
         reason = fusedopt_reason or _ct.fusedopt_support(fusedopt_mod, case, st.device)
@@ -138,7 +145,17 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
     timing.calibrate(runners, st.min_sample_s, st.max_inner, st.device)
 
     progress.phase(case.name, f"timing {len(runners)} contenders x {st.repeats} rounds")
-    failed = timing.interleaved(runners, st.repeats, st.device, on_round=lambda i: progress.update(1))
+    done = [0]
+
+    def on_round(i):
+        done[0] = i + 1
+        progress.update(1)
+
+    failed = timing.interleaved(runners, st.repeats, st.device, on_round=on_round, deadline=deadline)
+    doc["rounds"] = done[0]
+    if done[0] < st.repeats:
+        progress.update(st.repeats - done[0])
+        progress.note(f"{case.name}: time budget reached after {done[0]} of {st.repeats} rounds")
     for name, reason in failed.items():
         results[name] = _skipped(by_name[name], reason)
 
@@ -189,8 +206,13 @@ def run_suite(st: Settings, progress) -> dict:
     bw = timing.measure_bandwidth(st.device, int(st.bandwidth_mib * 2**20), st.bandwidth_repeats,
                                   st.min_sample_s)
     progress.note(f"streaming bandwidth: {bw['gb_s']:.1f} GB/s (x.mul_(c), {st.bandwidth_mib:g} MiB fp32)")
-    case_docs = [run_case(c, st, fusedopt_mod, fusedopt_reason, peers_available, bw["gb_s"], progress)
-                 for c in selected]
+    case_docs = []
+    end = t0 + st.time_budget_s if st.time_budget_s else None
+    for i, c in enumerate(selected):
+        now = time.perf_counter()
+        deadline = None if end is None else now + max(0.0, end - now) / (len(selected) - i)
+        case_docs.append(run_case(c, st, fusedopt_mod, fusedopt_reason, peers_available, bw["gb_s"],
+                                  progress, deadline))
     return dict(
         schema=SCHEMA,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -69,14 +69,15 @@ def measure_bandwidth(device: str, nbytes: int, repeats: int, min_sample_s: floa
 
 
 def warm_up(runners, steps: int, device: str) -> dict:
-    """Run ``steps`` steps of each runner (creating state); ``{name: reason}`` of those that
-    failed, which are removed from ``runners``."""
+    """Run ``steps`` steps of each runner (creating state), timing the last one into
+    ``runner.warm_s``; ``{name: reason}`` of those that failed, which are removed from
+    ``runners``."""
     failed = {}
     for r in list(runners):
         try:
-            for _ in range(max(1, steps)):
+            for _ in range(max(1, steps) - 1):
                 r.step()
-            synchronize(device)
+            r.warm_s = _timed(r.step, 1, device)
         except Skip as e:
             failed[r.name] = str(e)
         except Exception as e:  # noqa: BLE001
@@ -87,14 +88,21 @@ def warm_up(runners, steps: int, device: str) -> dict:
 
 
 def calibrate(runners, min_sample_s: float, max_inner: int, device: str) -> None:
+    """Steps per sample; a step that alone lasts ``min_sample_s`` (seen in warm-up) needs no
+    extra calibration step."""
     for r in runners:
-        r.inner = inner_steps(_timed(r.step, 1, device), min_sample_s, max_inner)
+        one = getattr(r, "warm_s", None)
+        if one is None or one < min_sample_s:
+            one = _timed(r.step, 1, device)
+        r.inner = inner_steps(one, min_sample_s, max_inner)
 
 
-def interleaved(runners, rounds: int, device: str, on_round=None) -> dict:
+def interleaved(runners, rounds: int, device: str, on_round=None, deadline: float | None = None,
+                min_rounds: int = 3) -> dict:
     """Round-robin timing: each round takes one sample of every runner, starting one further
-    along each round. Appends seconds/step to ``runner.samples``; returns ``{name: reason}``
-    of runners that raised (removed from ``runners``)."""
+    along each round. Stops after ``rounds``, or once ``time.perf_counter()`` passes
+    ``deadline`` with at least ``min_rounds`` done. Appends seconds/step to ``runner.samples``;
+    returns ``{name: reason}`` of runners that raised (removed from ``runners``)."""
     failed = {}
     for i in range(rounds):
         n = len(runners)
@@ -107,6 +115,8 @@ def interleaved(runners, rounds: int, device: str, on_round=None) -> dict:
                 runners.remove(r)
         if on_round is not None:
             on_round(i)
+        if deadline is not None and i + 1 >= min_rounds and time.perf_counter() > deadline:
+            break
     return failed
 
 

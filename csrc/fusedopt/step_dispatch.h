@@ -1,0 +1,50 @@
+// Turns a call's runtime (param dtype, state dtype, precision, variant) into a template
+// instantiation of a step kernel, for both backends. Only the combinations the Python layer
+// can ask for are built; anything else raises.
+#pragma once
+#include <stdexcept>
+#include "precision.h"
+
+namespace fusedopt {
+
+// Kernel<P, S, PREC, VARIANT>::run(call) for the call's combination. `Call` has
+// param_dtype, state_dtype, precision and variant (Adam: amsgrad; SGD: momentum).
+template <template <typename, typename, Precision, bool> class Kernel, typename Call>
+void dispatch_step(const Call& call) {
+  using F = float;
+  using B = bf16_t;
+  using H = fp16_t;
+#define FUSEDOPT_VARIANTS(P, S, PREC) \
+  return call.variant ? Kernel<P, S, PREC, true>::run(call) : Kernel<P, S, PREC, false>::run(call)
+  const DType pd = call.param_dtype, sd = call.state_dtype;
+  const Precision pr = call.precision;
+  if (pd == DType::kFloat32 && pr == Precision::kPlain) {
+    if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
+    if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
+  }
+  if (pd == DType::kBFloat16) {
+    if (sd == DType::kFloat32) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, F, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, F, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, F, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, F, Precision::kKahan);
+    }
+    if (sd == DType::kBFloat16) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, B, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, B, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
+    }
+  }
+  if (pd == DType::kFloat16) {
+    if (sd == DType::kFloat32) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, F, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
+    }
+    if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
+  }
+#undef FUSEDOPT_VARIANTS
+  throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");
+}
+
+}  // namespace fusedopt
