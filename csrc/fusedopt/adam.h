@@ -85,19 +85,32 @@ FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax,
 // Random keys of one tensor for one step (only read under stochastic rounding). `offset` is
 // the global index of the tensor's first element (nonzero for a shard of a larger param).
 struct RoundingKeys {
-  uint32_t param, state0, state1, state2;
+  uint32_t a, b;
   int64_t offset;
 };
 
 FUSEDOPT_HD RoundingKeys rounding_keys(uint64_t seed, int64_t param_index, int64_t step, int64_t offset = 0) {
-  return {rng_key(seed, param_index, step, kStreamParam), rng_key(seed, param_index, step, kStreamState0),
-          rng_key(seed, param_index, step, kStreamState1), rng_key(seed, param_index, step, kStreamState2), offset};
+  return {rng_key(seed, param_index, step, kStreamA), rng_key(seed, param_index, step, kStreamB), offset};
 }
 
-// Stores a state value: stochastically rounded when the step uses stochastic rounding.
+// The random bits of one element: `a` rounds the param (low half) and state 0 (high half),
+// `b` states 1 and 2. Zero (and never computed) unless the step rounds stochastically.
+struct ElementRandom {
+  uint32_t a, b;
+};
+
+template <Precision PREC>
+FUSEDOPT_HD ElementRandom element_random(const RoundingKeys& keys, int64_t i, bool need_b) {
+  if (PREC != Precision::kStochastic) return {0u, 0u};
+  const int64_t global = keys.offset + i;
+  return {random_bits(keys.a, global), need_b ? random_bits(keys.b, global) : 0u};
+}
+
+// Stores a state value: stochastically rounded (with the given 16 random bits) when the step
+// uses stochastic rounding.
 template <Precision PREC, typename S>
-FUSEDOPT_HD void store_state(S* dst, float v, uint32_t key, int64_t global_index) {
-  if (PREC == Precision::kStochastic) store_stochastic(dst, v, random_bits(key, global_index));
+FUSEDOPT_HD void store_state(S* dst, float v, uint32_t random16) {
+  if (PREC == Precision::kStochastic) store_stochastic(dst, v, random16);
   else store_nearest(dst, v);
 }
 
@@ -110,12 +123,12 @@ FUSEDOPT_HD float load_param(const P* __restrict__ param, const float* __restric
 // Writes an updated param (and its master copy / compensation) under a precision mode.
 template <Precision PREC, typename P>
 FUSEDOPT_HD void store_param(P* __restrict__ param, void* __restrict__ extra, int64_t i, float old, float updated,
-                             uint32_t key, int64_t global_index) {
+                             uint32_t random16) {
   if (PREC == Precision::kMaster) {
     static_cast<float*>(extra)[i] = updated;
     store_nearest(param + i, updated);
   } else if (PREC == Precision::kStochastic) {
-    store_stochastic(param + i, updated, random_bits(key, global_index));
+    store_stochastic(param + i, updated, random16);
   } else if (PREC == Precision::kKahan) {
     store_kahan(param + i, static_cast<P*>(extra) + i, old, updated);
   } else {
@@ -141,11 +154,11 @@ FUSEDOPT_HD void adam_element(P* __restrict__ param, const P* __restrict__ grad,
   float g = load_float(grad[i]);
   adam_update<AMSGRAD>(p, g, m, v, vmax, s);
   stats.add(g, old, p);
-  const int64_t gi = keys.offset + i;
-  store_state<PREC>(exp_avg + i, m, keys.state0, gi);
-  store_state<PREC>(exp_avg_sq + i, v, keys.state1, gi);
-  if (AMSGRAD) store_state<PREC>(max_exp_avg_sq + i, vmax, keys.state2, gi);
-  store_param<PREC>(param, extra, i, old, p, keys.param, gi);
+  const ElementRandom r = element_random<PREC>(keys, i, true);
+  store_state<PREC>(exp_avg + i, m, r.a >> 16);
+  store_state<PREC>(exp_avg_sq + i, v, r.b);
+  if (AMSGRAD) store_state<PREC>(max_exp_avg_sq + i, vmax, r.b >> 16);
+  store_param<PREC>(param, extra, i, old, p, r.a);
 }
 
 }  // namespace fusedopt

@@ -89,13 +89,17 @@ FUSEDOPT_HD uint32_t rng_key(uint64_t seed, int64_t param_index, int64_t step, u
   return k;
 }
 
+// 32 random bits for one element: one bijective mix of the element index under the key (the
+// index's upper half shifts the input), so distinct elements of a tensor never share bits.
+// One draw serves two rounded buffers (16 bits each), which halves the hashing per element.
 FUSEDOPT_HD uint32_t random_bits(uint32_t key, int64_t index) {
   uint32_t hi = uint32_t(uint64_t(index) >> 32);
-  return mix32(mix32(uint32_t(index) ^ key) + hi * 0x27D4EB2Fu + key);
+  return mix32((uint32_t(index) ^ key) + hi * 0x27D4EB2Fu);
 }
 
-// Random streams: each rounded buffer of an element gets independent bits.
-enum RngStream : uint32_t { kStreamParam = 0, kStreamState0 = 1, kStreamState1 = 2, kStreamState2 = 3 };
+// Two draws per element: A feeds the param (low 16 bits) and the first state (high 16 bits),
+// B the second and third states.
+enum RngStream : uint32_t { kStreamA = 0, kStreamB = 1 };
 
 // ---- load / store ------------------------------------------------------------------------
 FUSEDOPT_HD float load_float(float x) { return x; }

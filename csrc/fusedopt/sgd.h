@@ -51,9 +51,9 @@ FUSEDOPT_HD void sgd_element(P* __restrict__ param, const P* __restrict__ grad, 
   float g = load_float(grad[i]);
   sgd_update<MOMENTUM>(p, g, buf, first, s);
   stats.add(g, old, p);
-  const int64_t gi = keys.offset + i;
-  if (MOMENTUM) store_state<PREC>(momentum_buffer + i, buf, keys.state0, gi);
-  store_param<PREC>(param, extra, i, old, p, keys.param, gi);
+  const ElementRandom r = element_random<PREC>(keys, i, false);
+  if (MOMENTUM) store_state<PREC>(momentum_buffer + i, buf, r.a >> 16);
+  store_param<PREC>(param, extra, i, old, p, r.a);
 }
 
 }  // namespace fusedopt
