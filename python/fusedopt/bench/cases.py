@@ -71,6 +71,7 @@ class Case:
     fp32_reference: bool = False        # add torch-fused on fp32 copies of the params
     grad_clip: float | None = None      # torch contenders clip with clip_grad_norm_(foreach=True)
     peers: bool = True                  # peer libraries take part
+    fusedopt_baseline: bool = False     # also time fusedopt without fusedopt_kwargs ("fusedopt-plain")
 
     def shapes(self, device: str, scale: float = 1.0) -> list[tuple[int, ...]]:
         base = self.cuda_shapes if device == "cuda" else self.cpu_shapes
@@ -134,6 +135,24 @@ CASES: dict[str, Case] = {c.name: c for c in [
          torch_variants=("torch-foreach", "torch-fused"),
          bytes_per_param=adam_bytes(4, 4, 4, extra_read=4),
          bytes_model="norm pass g 4r, then p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 32", **_GPT),
+    Case("adamw_kahan",
+         "AdamW on bf16 params with Kahan-compensated updates (bf16 compensation buffer) vs torch "
+         "fused on bf16 params and on fp32 params", "AdamW", _BF16, hyper=_ADAMW,
+         fusedopt_kwargs=dict(kahan_summation=True), precision=True,
+         torch_variants=("torch-fused",), fp32_reference=True,
+         bytes_per_param=adam_bytes(2, 2, 2) + 4,
+         bytes_model="p 2r+2w, comp 2r+2w, g 2r, m 2r+2w, v 2r+2w = 18 (torch-fused-fp32: 28)", **_GPT),
+    Case("adamw_stats",
+         "AdamW fp32 with in-step telemetry (track_stats=True: per-group grad/param/update norms) "
+         "vs the same step without it (fusedopt-plain): the telemetry's cost", "AdamW", _F32,
+         hyper=_ADAMW, fusedopt_kwargs=dict(track_stats=True), precision=True, fusedopt_baseline=True,
+         torch_variants=("torch-fused",), bytes_per_param=adam_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 28 (the norms read nothing extra)", **_GPT),
+    Case("ema_update",
+         "EMA of fp32 weights (decay 0.999): fusedopt.averaging.EMA.update vs torch._foreach_lerp_ "
+         "(what AveragedModel's EMA does) and a per-tensor lerp_ loop", "EMA", _F32,
+         hyper=dict(decay=0.999), torch_variants=("torch-forloop", "torch-foreach"), peers=False,
+         bytes_per_param=12, bytes_model="avg 4r+4w, p 4r = 12", **_GPT),
 ]}
 
 DEFAULT_CASES = list(CASES)

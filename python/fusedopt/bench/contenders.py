@@ -131,9 +131,36 @@ def _fmt_kw(v) -> str:
     return dtype_name(v) if isinstance(v, torch.dtype) else repr(v)
 
 
-def fusedopt_contender(mod, case: Case) -> Contender:
+class _EMAStep:
+    """Weight averaging as a contender: ``step()`` folds the params into an fp32 average."""
+
+    def __init__(self, params, decay: float, kind: str, fusedopt_mod=None):
+        self.params = list(params)
+        self.state = {}
+        if kind == "fusedopt":
+            self._ema = fusedopt_mod.averaging.EMA(self.params, decay=decay)
+            self.step = self._ema.update
+            return
+        self.avgs = [p.detach().float().clone() for p in self.params]
+        weight = 1.0 - decay
+        if kind == "torch-foreach":
+            self.step = lambda: torch._foreach_lerp_(self.avgs, [p.detach() for p in self.params], weight)
+        else:
+            self.step = lambda: [a.lerp_(p.detach(), weight) for a, p in zip(self.avgs, self.params)]
+
+
+def fusedopt_contender(mod, case: Case, plain: bool = False) -> Contender:
+    if case.optimizer == "EMA":
+        decay = case.hyper["decay"]
+        return Contender("fusedopt", "fusedopt", f"fusedopt.averaging.EMA(decay={decay}).update()",
+                         case.param_dtype, case.bytes_per_param,
+                         lambda params: _EMAStep(params, decay, "fusedopt", mod))
     cls = getattr(mod, case.optimizer)
-    kw = {**case.hyper, **case.fusedopt_kwargs}
+    kw = {**case.hyper, **({} if plain else case.fusedopt_kwargs)}
+    if plain:
+        return Contender("fusedopt-plain", "fusedopt", f"fusedopt.{case.optimizer}(" + ", ".join(
+            f"{k}={_fmt_kw(v)}" for k, v in kw.items()) + ")", case.param_dtype, case.bytes_per_param,
+            lambda params: cls(params, **kw))
     detail = f"fusedopt.{case.optimizer}({', '.join(f'{k}={_fmt_kw(v)}' for k, v in kw.items())})"
     return Contender("fusedopt", "fusedopt", detail, case.param_dtype, case.bytes_per_param,
                      lambda params: cls(params, **kw))
@@ -142,6 +169,11 @@ def fusedopt_contender(mod, case: Case) -> Contender:
 # --------------------------------------------------------------------------- torch.optim
 
 def torch_contender(case: Case, name: str, dtype: torch.dtype | None = None, label: str | None = None) -> Contender:
+    if case.optimizer == "EMA":
+        decay = case.hyper["decay"]
+        what = "torch._foreach_lerp_" if name == "torch-foreach" else "per-tensor lerp_"
+        return Contender(name, "torch", f"{what}(avgs, params, {1 - decay:g}) on fp32 averages",
+                         case.param_dtype, case.bytes_per_param, lambda params: _EMAStep(params, decay, name))
     cls = getattr(torch.optim, case.optimizer)
     flags = TORCH_FLAGS[name]
     dtype = dtype or case.param_dtype
@@ -295,6 +327,8 @@ def contenders_for(case: Case, fusedopt_mod, peers_available) -> list[Contender]
     out = []
     if fusedopt_mod is not None:
         out.append(fusedopt_contender(fusedopt_mod, case))
+        if case.fusedopt_baseline:
+            out.append(fusedopt_contender(fusedopt_mod, case, plain=True))
     out += [torch_contender(case, name) for name in case.torch_variants]
     if case.fp32_reference:
         out.append(torch_contender(case, "torch-fused", dtype=torch.float32, label="torch-fused-fp32"))

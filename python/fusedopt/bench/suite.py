@@ -166,7 +166,10 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
             peak = None
         results[r.name] = _result(r, by_name[r.name], bw_gb_s, st.device, peak)
 
-    base = results.get(_ct.BASELINE)
+    # Ratios are to torch's fused optimizer; a case without one (EMA) uses torch's foreach.
+    base_name = _ct.BASELINE if _ct.BASELINE in results else "torch-foreach"
+    doc["baseline"] = base_name
+    base = results.get(base_name)
     if base and base["status"] == "ok":
         for res in results.values():
             if res["status"] == "ok":
