@@ -15,6 +15,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" numpy pytest matplotlib tqdm
+# Test extras for the trainer-integration tests (not runtime requirements of fusedopt).
+"$PY" -m pip install -q "transformers==5.23.0" "accelerate==1.15.0"
 # Build requirements are installed above, so no isolated build env (which would fetch them
 # again); build/ keeps the CMake tree for incremental rebuilds.
 "$PY" -m pip install -q --no-build-isolation "$ROOT"

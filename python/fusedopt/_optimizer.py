@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from . import _backend as B
+from . import _compile
+from . import _distributed as D
 from ._plan import Bucket, Plan
 from ._state import Generation, TrackedState
 
@@ -79,6 +81,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     _kernel = ""                      # name of the kernel in _C / _C_cuda
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
+    _init_group = _compile.init_group  # run eagerly by Dynamo when it traces step()
 
     def __init__(self, params, defaults: dict, impl: dict):
         if impl.get("differentiable"):
@@ -302,33 +305,43 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 sd, precision = self._validate(gi, j, p, g, self.state.get(p, {}), group)
                 entries.append((gi, k, p, g, sd, precision))
+        # DTensor params (FSDP2, tensor parallel): None when there are none (_distributed.py).
+        mesh = D.mesh_info(entries, self.defaults)  # (checks DTensor entries before any change)
         # Pass 2: lazy state and the tables.
         buckets: dict[tuple, Bucket] = {}
         reusable = True
         for gi, k, p, g, sd, precision in entries:
             group = self.param_groups[gi]
+            lp = p  # the tensor the kernel walks: the param, or a DTensor's local shard
+            if mesh is not None and D.is_dtensor(p):
+                lp, g = D.local_param(k, p), D.local_grad(k, p, g)
             # A param with gaps or overlap in memory (a strided view) is updated through a
             # contiguous stand-in, copied back after the kernel; its state is contiguous.
-            staged = not B.is_dense(p.shape, p.stride())
-            layout = p.detach().contiguous() if staged else p.detach()
+            staged = not B.is_dense(lp.shape, lp.stride())
+            layout = lp.detach().contiguous() if staged else lp.detach()
             if g.stride() != layout.stride() and layout.numel() > 1:
                 g = torch.empty_like(layout).copy_(g)  # the param's layout, for this step only
             state = self.state.get(p)
             fresh = state is None
             state = {} if fresh else state
-            first = self._prepare_state(group, p, layout, state, sd, precision)
+            if lp is not p:  # DTensor: state is a DTensor in the param's layout, as torch.optim keeps it
+                D.adopt_state(k, p, state)
+            first = self._prepare_state(group, p, layout if lp is p else p.detach(), state, sd, precision)
             if fresh and state:
                 self.state[p] = state  # torch keeps no entry for a param without state
                 state = self.state[p]
             variant = self._variant(group)
-            key = (p.device, p.dtype, sd, precision, variant)
+            counted = mesh is None or D.counted(p, mesh)  # False: another rank counts it in norms
+            key = (p.device, p.dtype, sd, precision, variant, counted)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(p.device, p.dtype, sd, precision, variant)
+                b = buckets[key] = Bucket(p.device, p.dtype, sd, precision, variant, counted=counted)
             moments = [state[m] for m in self._moment_keys(group)]
             extra = state.get("master_param") if precision == B.MASTER else (
                 state.get("kahan_comp") if precision == B.KAHAN else None)
             step = state.get("step") if self._uses_step(group) else None
+            if lp is not p:  # DTensor: the local shards of its state
+                moments, extra = [D.local_state(t, layout) for t in moments], D.local_state(extra, layout)
             row = [0] * B.TABLE_COLUMNS
             row[B.COL_PARAM] = layout.data_ptr()
             row[B.COL_GRAD] = g.data_ptr()
@@ -336,11 +349,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 row[col] = t.data_ptr()
             row[B.COL_EXTRA] = extra.data_ptr() if extra is not None else 0
             row[B.COL_STEP] = step.data_ptr() if step is not None else 0
-            row[B.COL_NUMEL] = p.numel()
+            row[B.COL_NUMEL] = lp.numel()
             row[B.COL_GROUP] = gi
             row[B.COL_PARAM_INDEX] = k
             row[B.COL_FLAGS] = B.FLAG_FIRST_STEP if first else 0
             row[B.COL_SEED] = group.get("seed", 0)
+            if lp is not p:  # DTensor: index of the shard's first element in the full param (SR bits)
+                row[B.COL_RNG_OFFSET] = D.rng_offset(k, p, precision == B.STOCHASTIC)
+                b.dtensor = True
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and lr.device == p.device and p.device.type == "cuda":
                 b.lr_rows.append((len(b.params), gi))
@@ -348,7 +364,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 b.writebacks.append((p, layout))
                 reusable = False
             # The C refresh only proves contiguous rows valid; others rebuild every step.
-            reusable = reusable and p.is_contiguous()
+            reusable = reusable and lp.is_contiguous()
             b.params.append(p)
             b.rows.append(row)
             b.keepalive += [layout, g, *moments, extra, step]
@@ -356,7 +372,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             b.freeze()
         return Plan(self._gen.value, self.state, [self._structure(g) for g in self.param_groups],
                     [g["params"] for g in self.param_groups], [len(g["params"]) for g in self.param_groups],
-                    list(buckets.values()), without_grad, reusable)
+                    list(buckets.values()), without_grad, reusable, mesh=mesh)
 
     def _current_plan(self) -> Plan:
         plan = self._plan
@@ -368,12 +384,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     # ---- the step --------------------------------------------------------------------------
-    def _group_rows(self) -> np.ndarray:
+    def _group_rows(self, device: torch.device) -> np.ndarray:
+        """The group table for the buckets on `device`. A tensor lr on that CUDA device is read
+        by the kernel itself (table column COL_LR); anywhere else its value is needed here,
+        which costs a sync only when it sits on a GPU and the bucket does not."""
         rows = []
         for group in self.param_groups:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
-                lr = float(lr) if lr.device.type == "cpu" else 0.0  # CUDA lr is read in the kernel
+                lr = 0.0 if (lr.device.type == "cuda" and lr.device == device) else float(lr)
             rows.append(self._group_row(group, lr))
         return np.asarray(rows, dtype=np.float64).reshape(-1, B.GROUP_FIELDS)
 
@@ -389,6 +408,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         max_norm = self.defaults.get("max_grad_norm")
         sums = []
         for b in plan.buckets:
+            if not b.counted:  # DTensor shards another rank counts (replicas, _distributed.py)
+                sums.append(torch.zeros((), dtype=torch.float64, device=b.device))
+                continue
             code = B.TORCH_DTYPE_CODES[b.param_dtype]
             ptrs = np.ascontiguousarray(b.table[:, B.COL_GRAD])
             numels = np.ascontiguousarray(b.table[:, B.COL_NUMEL])
@@ -397,7 +419,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 sums.append(_cuda_sum_squares(b, ptrs, numels, code))
         home = plan.buckets[0].device
-        total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum().sqrt()
+        total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum()
+        total = D.all_reduce_sums(total, plan.mesh).sqrt()  # DTensor shards: sum over the mesh
         if grad_scale is not None:
             total = total / self._on(grad_scale, home).double()
         norm = total.to(torch.float32)
@@ -407,6 +430,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if torch.compiler.is_compiling():  # torch.compile: the custom-op path (_compile.py)
+            return _compile.compiled_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -417,7 +442,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         clip = self._clip_coefficients(plan, grad_scale) if self.defaults.get("max_grad_norm") else {}
-        groups = self._group_rows()
+        group_rows = {}
         stats = self._stats_buffers(plan) if self.defaults.get("track_stats") else {}
         keep = []  # device copies of the AMP scalars must outlive the kernel calls
         for b in plan.buckets:
@@ -426,8 +451,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             keep += [gs, fi, cc]
             for row, gi in b.lr_rows:
                 b.table[row, B.COL_LR] = self.param_groups[gi]["lr"].data_ptr()
+            groups = group_rows.get(b.device)
+            if groups is None:
+                groups = group_rows[b.device] = self._group_rows(b.device)
             kwargs = dict(grad_scale=_ptr(gs), found_inf=_ptr(fi), clip_coef=_ptr(cc))
-            if b.device in stats:
+            if b.device in stats and b.counted:  # (replicas another rank counts add nothing)
                 kwargs["stats"] = stats[b.device].data_ptr()
             if b.device.type == "cpu":
                 kwargs["num_threads"] = B.num_threads()
@@ -455,6 +483,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = list(sums)
         home = devices[0]
         total = sums[home] if len(devices) == 1 else torch.stack([s.to(home) for s in sums.values()]).sum(0)
+        total = D.all_reduce_sums(total, self._plan.mesh)  # DTensor shards: sum over the mesh, one call
         roots = total.sqrt()
         grad_norm = roots[:, 0]
         if grad_scale is not None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import _backend as B
+from . import _distributed as D
 
 
 @dataclass
@@ -31,6 +32,10 @@ class Bucket:
     lr_rows: list = field(default_factory=list)   # (row, group index) of rows with a device lr
     writebacks: list = field(default_factory=list)  # (param, contiguous stand-in) to copy back
     first_step_rows: bool = False
+    # DTensor support (_distributed.py): False for rows whose elements another rank counts in
+    # the global norms (replicated shards); True for everything else, plain tensors included.
+    counted: bool = True
+    dtensor: bool = False  # has DTensor rows: refreshed by D.refresh_grads, never the C loop
 
     def freeze(self):
         self.table = np.array(self.rows, dtype=np.int64).reshape(-1, B.TABLE_COLUMNS)
@@ -39,6 +44,8 @@ class Bucket:
 
     def refresh(self) -> bool:
         """Fills the grad column for this step; False when the fast path does not apply."""
+        if self.dtensor:
+            return D.refresh_grads(self)
         return B._C.refresh_grads(self.params, self.param_dtype, self.table) < 0
 
     def clear_first_step(self):
@@ -57,6 +64,7 @@ class Plan:
     buckets: list
     without_grad: list          # params that had no grad when the plan was built
     reusable: bool              # False: rebuild next step (staged or non-contiguous params)
+    mesh: object = None         # D.MeshInfo when params are DTensors: norms are all-reduced over it
 
     def still_valid(self, optimizer) -> bool:
         if not self.reusable or self.generation != optimizer._gen.value or self.state is not optimizer.state:
