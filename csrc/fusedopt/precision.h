@@ -27,13 +27,15 @@ FUSEDOPT_HD bf16_t bf16_round_nearest(float f) {
 }
 
 // Adds 16 random bits below the bf16 mantissa and truncates: rounds up with probability
-// equal to the distance from the lower neighbour, so E[round(x)] = x. Non-finite values
-// round to nearest (adding to a NaN/inf payload could carry into the sign).
+// equal to the distance from the lower neighbour, so E[round(x)] = x. Non-finite values are
+// truncated as they are (inf stays inf, NaN stays a quiet NaN): adding to their payload could
+// carry into the sign.
 FUSEDOPT_HD bf16_t bf16_round_stochastic(float f, uint32_t random) {
   uint32_t u = float_bits(f);
   bool finite = (u & 0x7F800000u) != 0x7F800000u;
   uint32_t sr = (u + (random & 0xFFFFu)) >> 16;
-  return finite ? bf16_t{uint16_t(sr)} : bf16_round_nearest(f);
+  uint32_t special = (u >> 16) | ((u & 0x007FFFFFu) != 0u ? 0x0040u : 0u);
+  return bf16_t{uint16_t(finite ? sr : special)};
 }
 
 // ---- fp16 (IEEE half) --------------------------------------------------------------------
