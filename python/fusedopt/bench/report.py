@@ -50,7 +50,7 @@ def format_table(doc: dict) -> str:
                  f"{st['warmup']} warm-up step(s), scale {st['scale']:g}"
                  + (f", time budget {st['time_budget_s']:g} s" if st.get("time_budget_s") else ""))
     lines.append("B/p = model bytes moved per param per step; GB/s = B/p x params / median time; "
-                 "% BW = of the streaming bandwidth;")
+                 "% BW = of the streaming bandwidth measured in the same interleaved rounds;")
     lines.append("vs torch-fused = torch-fused time / this time (>1 is faster); "
                  "state B/p = optimizer state bytes per param")
     head = _COLS.format("case / contender", "ms/step median [min-max]", "B/p", "GB/s", "% BW",
@@ -59,7 +59,9 @@ def format_table(doc: dict) -> str:
     for case in doc["cases"]:
         lines.append(f"{case['name']}: {case['optimizer']} {case['param_dtype']}, "
                      f"{_params(case['n_params'])} params in {case['n_tensors']} tensors, "
-                     f"{case['bytes_per_param']:g} B/param ({case['bytes_model']})")
+                     f"{case['bytes_per_param']:g} B/param ({case['bytes_model']})"
+                     + (f"; bandwidth during the case {case['bandwidth_gb_s']:.1f} GB/s"
+                        if case.get("bandwidth_gb_s") else ""))
         if case["status"] != "ok":
             lines.append(f"  skipped: {case['reason']}")
             continue
@@ -151,7 +153,9 @@ def render_markdown(json_path) -> str:
     out = [
         f"Measured {doc['date'][:10]} on **{dev}** ({where}); torch {v['torch']}, fusedopt {fo}, "
         f"python {v['python']}. Streaming bandwidth (`x.mul_(c)`, fp32 in place, 8 B/element): "
-        f"**{bw['gb_s']:.1f} GB/s**. {st['repeats']} interleaved rounds"
+        f"**{bw['gb_s']:.1f} GB/s** at the start; the probe also runs inside every case's interleaved rounds "
+        f"and *% BW* is relative to that case's own figure (this machine's bandwidth drifts during a run). "
+        f"{st['repeats']} interleaved rounds"
         f"{' (--quick)' if st['quick'] else ''}, median [min–max]. B/param = model bytes moved per param per step; GB/s = B/param × params / "
         f"median time; *vs torch-fused* = torch-fused time / this time (> 1 is faster). "
         f"Generated from {src} by `python -m fusedopt.bench --markdown`.",
@@ -161,8 +165,9 @@ def render_markdown(json_path) -> str:
     ]
     notes = []
     for case in doc["cases"]:
+        case_bw = f", {case['bandwidth_gb_s']:.0f} GB/s" if case.get("bandwidth_gb_s") else ""
         label = (f"{case['name']}<br><sub>{case['optimizer']} {case['param_dtype']}, "
-                 f"{_params(case['n_params'])} params, {case['n_tensors']} tensors</sub>")
+                 f"{_params(case['n_params'])} params, {case['n_tensors']} tensors{case_bw}</sub>")
         if case["status"] != "ok":
             notes.append(f"- `{case['name']}` skipped: {case['reason']}")
             continue

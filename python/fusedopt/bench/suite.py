@@ -151,7 +151,13 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
         done[0] = i + 1
         progress.update(1)
 
-    failed = timing.interleaved(runners, st.repeats, st.device, on_round=on_round, deadline=deadline)
+    probe = timing.BandwidthProbe(st.device, int(st.bandwidth_mib * 2**20), st.min_sample_s, st.max_inner)
+    timed = runners + [probe]
+    failed = timing.interleaved(timed, st.repeats, st.device, on_round=on_round, deadline=deadline)
+    runners = [r for r in timed if r is not probe]
+    case_bw = probe.gb_s() or bw_gb_s
+    doc["bandwidth_gb_s"] = case_bw
+    del probe
     doc["rounds"] = done[0]
     if done[0] < st.repeats:
         progress.update(st.repeats - done[0])
@@ -164,7 +170,7 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
             peak = timing.step_peak_bytes(r, st.device)
         except Exception:  # noqa: BLE001 - memory figures are secondary
             peak = None
-        results[r.name] = _result(r, by_name[r.name], bw_gb_s, st.device, peak)
+        results[r.name] = _result(r, by_name[r.name], case_bw, st.device, peak)
 
     # Ratios are to torch's fused optimizer; a case without one (EMA) uses torch's foreach.
     base_name = _ct.BASELINE if _ct.BASELINE in results else "torch-foreach"

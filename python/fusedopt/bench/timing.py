@@ -68,6 +68,32 @@ def measure_bandwidth(device: str, nbytes: int, repeats: int, min_sample_s: floa
                 gb_s_best=moved / (s["ms_min"] * 1e-3) / 1e9, **s)
 
 
+class BandwidthProbe:
+    """The streaming-bandwidth probe as one more contender of a case's interleaved rounds, so
+    each case's % of bandwidth is relative to the bandwidth measured while it ran (this
+    machine's memory bandwidth drifts by tens of percent over a run)."""
+
+    name = "_bandwidth"
+
+    def __init__(self, device: str, nbytes: int, min_sample_s: float, max_inner: int = 50):
+        self.numel = max(1024, nbytes // 4)
+        self.x = torch.ones(self.numel, dtype=torch.float32, device=device)
+        self._i = 0
+        for _ in range(3):
+            self.step()
+        self.inner = inner_steps(_timed(self.step, 1, device), min_sample_s, max_inner)
+        self.samples: list[float] = []
+
+    def step(self):
+        self.x.mul_(1.25 if self._i & 1 else 0.8)
+        self._i += 1
+
+    def gb_s(self) -> float | None:
+        if not self.samples:
+            return None
+        return 8 * self.numel / statistics.median(self.samples) / 1e9
+
+
 def warm_up(runners, steps: int, device: str) -> dict:
     """Run ``steps`` steps of each runner (creating state), timing the last one into
     ``runner.warm_s``; ``{name: reason}`` of those that failed, which are removed from
