@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: builds fusedopt with its CUDA module, prints the config,
-# runs the whole test suite (CUDA tests included) and compute-sanitizer on a small case.
+# runs the whole test suite (CUDA tests included), compute-sanitizer on a small case, and the
+# benchmark on the GPU.
 #
 #   bash scripts/gpu_test.sh [extra pytest args]
 #
@@ -108,5 +109,11 @@ else
   echo "gpu_test: compute-sanitizer not found (PATH, /usr/local/cuda/bin): sanitizer stage skipped" \
     | tee "$LOGS/sanitizer-skipped.log"
 fi
+
+# ---- the benchmark on the GPU (results to commit under bench/results/) -------------------------
+GPU_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo gpu)
+run_stage bench "$PY" -m fusedopt.bench --device cuda --no-progress \
+  --json "$LOGS/cuda-$GPU_NAME.json" --plot "$LOGS/cuda-$GPU_NAME.png"
+echo "gpu_test: copy $LOGS/cuda-$GPU_NAME.json into bench/results/ and run python bench/update_readme.py"
 
 exit "${#failed[@]}"
