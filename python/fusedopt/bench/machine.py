@@ -9,7 +9,7 @@ import sys
 import torch
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -36,7 +36,7 @@ def machine_info(device: str) -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    info = dict(platform=platform.platform(), cpu=_cpu_model(), cores=os.cpu_count(),
+    info = dict(platform=platform.platform(), cpu=cpu_model(), cores=os.cpu_count(),
                 usable_cores=usable, torch_threads=torch.get_num_threads(), memory_gib=_mem_gib(),
                 gpu=None)
     if device == "cuda" and torch.cuda.is_available():

@@ -1,6 +1,8 @@
 """What the demo writes: the final-loss table (stdout), ``demo.json`` and ``loss_curves.png``."""
 from __future__ import annotations
 
+from ..bench.machine import cpu_model
+
 import json
 import os
 import platform
@@ -41,17 +43,6 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -61,7 +52,7 @@ def machine() -> dict:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = None
-    return dict(platform=platform.platform(), cpu=_cpu_model(), cores=os.cpu_count(),
+    return dict(platform=platform.platform(), cpu=cpu_model(), cores=os.cpu_count(),
                 usable_cores=usable, torch_threads=torch.get_num_threads(), load_avg_1min=load)
 
 
