@@ -1,0 +1,67 @@
+"""The CPU kernels are compiled for several instruction sets and picked at import; every build
+must give the same bits (no FMA contraction, IEEE divide and sqrt, the same integer rounding
+code). Each ISA runs in its own process, capped by FUSEDOPT_CPU_ISA."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import hashlib, json, torch, fusedopt
+from fusedopt import _C
+torch.manual_seed(0)
+out = {"isa": _C.isa()}
+cases = {
+    "adamw_fp32": (torch.float32, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "adamw_bf16": (torch.bfloat16, dict(lr=1e-2)),
+    "adamw_bf16_sr": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=7)),
+    "adamw_bf16_kahan": (torch.bfloat16, dict(lr=1e-3, kahan_summation=True)),
+    "adamw_fp16_master": (torch.float16, dict(lr=1e-3, master_weights=True)),
+}
+for name, (dtype, kw) in cases.items():
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in (1, 17, 40000, 100003)]
+    opt = fusedopt.AdamW(ps, **kw)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    h = hashlib.sha256()
+    for p in ps:
+        for t in (p, *opt.state[p].values()):
+            h.update(t.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    out[name] = h.hexdigest()
+sgd_ps = [torch.nn.Parameter(torch.randn(5000).bfloat16())]
+opt = fusedopt.SGD(sgd_ps, lr=0.1, momentum=0.9, nesterov=True, stochastic_rounding=True, seed=3)
+for _ in range(3):
+    sgd_ps[0].grad = torch.randn(5000).bfloat16()
+    opt.step()
+out["sgd_sr"] = hashlib.sha256(sgd_ps[0].detach().view(torch.uint8).numpy().tobytes()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def _run(isa: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("FUSEDOPT_CPU_ISA", None)
+    if isa:
+        env["FUSEDOPT_CPU_ISA"] = isa
+    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_every_isa_build_gives_the_same_bits():
+    runs = {isa: _run(isa) for isa in ("baseline", "avx2", None)}
+    isas = {k: v.pop("isa") for k, v in runs.items()}
+    assert isas["baseline"] == "baseline"
+    if len(set(isas.values())) < 2:
+        pytest.skip(f"this CPU offers only the {isas[None]} build")
+    base = runs["baseline"]
+    for cap, run in runs.items():
+        assert run == base, f"{isas[cap]} build differs from baseline: " + ", ".join(
+            k for k in base if run[k] != base[k])
