@@ -5,7 +5,7 @@ A plan is built (with full validation and lazy state creation) when anything it 
 changed, and reused otherwise. Reuse is safe because the plan holds a reference to every
 tensor whose address it stores (so no address can be recycled while the plan lives), and
 each step re-checks in C (`_C.refresh_grads`) that every param still has the address the
-plan recorded and reads the fresh grad addresses, dtypes and contiguity.
+plan recorded and reads the fresh grad addresses, dtypes, sizes and contiguity.
 """
 from __future__ import annotations
 
