@@ -51,6 +51,8 @@ import torch
 from torch import Tensor
 
 from . import _backend as B
+from . import _distributed as D
+from ._norms import clip_norm_and_factor, on_device, stats_from_sums
 
 __all__ = ["adam_step_", "sgd_step_", "sum_squares", "compiled_step", "init_group"]
 
@@ -210,17 +212,6 @@ def _(tensors):
 
 
 # ---- state initialisation (run eagerly by Dynamo at trace time) -------------------------------
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5, or built without distributed
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return False
-    return isinstance(t, DTensor)
-
-
 def _sgd_first_step_differs(opt, group, state) -> bool:
     """SGD's momentum buffer starts as the grad. The op path starts it at zero instead, which
     is the same update when dampening is 0 (momentum * 0 + 1 * g == g); otherwise the first
@@ -245,25 +236,22 @@ def init_group(opt, params: list, grads: list, state0: list, state1: list, state
     this name) and hands the filled lists to the traced code as graph inputs; without Dynamo
     it is an ordinary function."""
     todo = []
-    index = 0
-    for gi, group in enumerate(opt.param_groups):
-        for j, p in enumerate(group["params"]):
-            k, index = index, index + 1
-            g = p.grad
-            if g is None:
-                continue
-            state = opt.state.get(p, {})
-            try:
-                sd, precision = opt._validate(gi, j, p, g, state, group)[:2]
-            except (ValueError, RuntimeError) as e:
-                return f"invalid input: {e}", ()
-            if _is_dtensor(p):
-                return "DTensor params (sharded steps run eagerly)", ()
-            if not B.is_dense(p.shape, p.stride()):
-                return "a param is a strided view (not dense in memory)", ()
-            if _sgd_first_step_differs(opt, group, state):
-                return "first step of SGD with momentum and dampening", ()
-            todo.append((gi, k, p, g, sd, precision))
+    for gi, j, k, p, g in opt._walk_params():
+        if g is None:
+            continue
+        group = opt.param_groups[gi]
+        state = opt.state.get(p, {})
+        try:
+            sd, precision = opt._validate(gi, j, p, g, state, group)[:2]
+        except (ValueError, RuntimeError) as e:
+            return f"invalid input: {e}", ()
+        if D.is_dtensor(p):
+            return "DTensor params (sharded steps run eagerly)", ()
+        if not B.is_dense(p.shape, p.stride()):
+            return "a param is a strided view (not dense in memory)", ()
+        if _sgd_first_step_differs(opt, group, state):
+            return "first step of SGD with momentum and dampening", ()
+        todo.append((gi, k, p, g, sd, precision))
     entries = []
     for gi, k, p, g, sd, precision in todo:
         group = opt.param_groups[gi]
@@ -296,12 +284,6 @@ def _eager_step(opt, closure):
     """The eager step (without the optimizer hooks, which the traced call already runs)."""
     with torch.no_grad():
         return inspect.unwrap(type(opt).step)(opt, closure)
-
-
-def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    if t is None:
-        return None
-    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def compiled_step(opt, closure=None):
@@ -369,8 +351,8 @@ def compiled_step(opt, closure=None):
         common = dict(
             lrs=[None if lr is None else lr.to(device=dev, dtype=torch.float32) for lr in group_lrs],
             groups=groups, group_seeds=seeds, group_index=b["groups"], param_index=b["indices"],
-            state_dtype=B.TORCH_DTYPE_CODES[sd], precision=precision, grad_scale=_on(grad_scale, dev),
-            found_inf=_on(found_inf, dev), clip_coef=clip.get(str(dev)), stats=stats.get(str(dev)))
+            state_dtype=B.TORCH_DTYPE_CODES[sd], precision=precision, grad_scale=on_device(grad_scale, dev),
+            found_inf=on_device(found_inf, dev), clip_coef=clip.get(str(dev)), stats=stats.get(str(dev)))
         if opt._kernel == "adam_step":
             torch.ops.fusedopt.adam_step_(b["params"], b["grads"], s0, s1, s2, ex, st, amsgrad=variant, **common)
         elif opt._kernel == "sgd_step":
@@ -379,22 +361,16 @@ def compiled_step(opt, closure=None):
             raise NotImplementedError(f"no compiled path for kernel {opt._kernel!r}")
 
     if "norm" in clip or stats:
-        _publish(opt, clip.get("norm"), _finish_stats(len(opt.param_groups), stats, grad_scale) if stats else None)
+        _publish(opt, clip.get("norm"), _finish_stats(stats, grad_scale) if stats else None)
     return None
 
 
-def _finish_stats(n_groups: int, sums: dict, grad_scale) -> list[dict]:
+def _finish_stats(sums: dict, grad_scale) -> list[dict]:
     """The per-group norms of ``stats()`` from the kernels' sums (the eager step's math)."""
     parts = list(sums.values())
     home = parts[0].device
     total = parts[0] if len(parts) == 1 else torch.stack([s.to(home) for s in parts]).sum(0)
-    roots = total.sqrt()
-    grad_norm = roots[:, 0]
-    if grad_scale is not None:
-        grad_norm = grad_norm / _on(grad_scale, home).double()
-    ratio = roots[:, 2] / roots[:, 3]
-    return [{"grad_norm": grad_norm[i].float(), "param_norm": roots[i, 1].float(), "update_ratio": ratio[i].float()}
-            for i in range(n_groups)]
+    return stats_from_sums(total, grad_scale)
 
 
 @torch.compiler.disable
@@ -414,11 +390,8 @@ def _clip_coefficients(opt, buckets: dict, grad_scale) -> dict:
     max_norm = opt.defaults.get("max_grad_norm")
     sums = [torch.ops.fusedopt.sum_squares(b["grads"]) for b in buckets.values()]
     home = next(iter(buckets.values()))["device"]
-    total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum().sqrt()
-    if grad_scale is not None:
-        total = total / _on(grad_scale, home).double()
-    norm = total.to(torch.float32)
-    coef = torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(torch.float32)
-    out = {str(b["device"]): _on(coef, b["device"]) for b in buckets.values()}
+    total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum()
+    norm, coef = clip_norm_and_factor(total, grad_scale, max_norm)
+    out = {str(b["device"]): on_device(coef, b["device"]) for b in buckets.values()}
     out["norm"] = norm
     return out

@@ -12,6 +12,7 @@ import torch
 from . import _backend as B
 from . import _compile
 from . import _distributed as D
+from ._norms import clip_norm_and_factor, on_device, stats_from_sums
 from ._plan import Bucket, Plan
 from ._state import Generation, TrackedState
 
@@ -291,20 +292,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         return (self._variant(group), self._precision(group), group.get("state_dtype"), self._uses_step(group),
                 isinstance(group["lr"], torch.Tensor), group.get("seed", 0))
 
+    def _walk_params(self):
+        """(group index, position in the group, index over all groups, param, grad) of every
+        param, in order; the middle index keys stochastic rounding."""
+        k = 0
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                yield gi, j, k, p, p.grad
+                k += 1
+
     def _build_plan(self) -> Plan:
         entries = []
         without_grad = []
-        index = 0
         # Pass 1: validate everything; nothing is changed until every param passed.
-        for gi, group in enumerate(self.param_groups):
-            for j, p in enumerate(group["params"]):
-                k, index = index, index + 1
-                g = p.grad
-                if g is None:
-                    without_grad.append(p)
-                    continue
-                sd, precision = self._validate(gi, j, p, g, self.state.get(p, {}), group)
-                entries.append((gi, k, p, g, sd, precision))
+        for gi, j, k, p, g in self._walk_params():
+            if g is None:
+                without_grad.append(p)
+                continue
+            sd, precision = self._validate(gi, j, p, g, self.state.get(p, {}), self.param_groups[gi])
+            entries.append((gi, k, p, g, sd, precision))
         # DTensor params (FSDP2, tensor parallel): None when there are none (_distributed.py).
         mesh = D.mesh_info(entries, self.defaults)  # (checks DTensor entries before any change)
         # Pass 2: lazy state and the tables.
@@ -396,12 +402,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             rows.append(self._group_row(group, lr))
         return np.asarray(rows, dtype=np.float64).reshape(-1, B.GROUP_FIELDS)
 
-    @staticmethod
-    def _on(t: torch.Tensor | None, device: torch.device):
-        if t is None:
-            return None
-        return t if t.device == device else t.to(device, non_blocking=True)
-
     def _clip_coefficients(self, plan: Plan, grad_scale) -> dict:
         """Global L2 norm of all grads (all groups and devices) and the clip factor per
         device, as device tensors: no host sync on CUDA."""
@@ -420,13 +420,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 sums.append(_cuda_sum_squares(b, ptrs, numels, code))
         home = plan.buckets[0].device
         total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum()
-        total = D.all_reduce_sums(total, plan.mesh).sqrt()  # DTensor shards: sum over the mesh
-        if grad_scale is not None:
-            total = total / self._on(grad_scale, home).double()
-        norm = total.to(torch.float32)
-        self.last_grad_norm = norm
-        coef = torch.clamp(max_norm / (norm.double() + 1e-6), max=1.0).to(torch.float32)
-        return {b.device: self._on(coef, b.device) for b in plan.buckets}
+        total = D.all_reduce_sums(total, plan.mesh)  # DTensor shards: sum over the mesh
+        self.last_grad_norm, coef = clip_norm_and_factor(total, grad_scale, max_norm)
+        return {b.device: on_device(coef, b.device) for b in plan.buckets}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -447,7 +443,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         keep = []  # device copies of the AMP scalars must outlive the kernel calls
         for b in plan.buckets:
             mod = B.module_for(b.device)
-            gs, fi, cc = self._on(grad_scale, b.device), self._on(found_inf, b.device), clip.get(b.device)
+            gs, fi, cc = on_device(grad_scale, b.device), on_device(found_inf, b.device), clip.get(b.device)
             keep += [gs, fi, cc]
             for row, gi in b.lr_rows:
                 b.table[row, B.COL_LR] = self.param_groups[gi]["lr"].data_ptr()
@@ -484,15 +480,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         home = devices[0]
         total = sums[home] if len(devices) == 1 else torch.stack([s.to(home) for s in sums.values()]).sum(0)
         total = D.all_reduce_sums(total, self._plan.mesh)  # DTensor shards: sum over the mesh, one call
-        roots = total.sqrt()
-        grad_norm = roots[:, 0]
-        if grad_scale is not None:
-            grad_norm = grad_norm / self._on(grad_scale, home).double()
-        ratio = roots[:, 2] / roots[:, 3]
-        self._last_stats = [
-            {"grad_norm": grad_norm[i].float(), "param_norm": roots[i, 1].float(), "update_ratio": ratio[i].float()}
-            for i in range(len(self.param_groups))
-        ]
+        self._last_stats = stats_from_sums(total, grad_scale)
 
     def stats(self) -> list[dict]:
         """Per param group, from the last step: ``grad_norm`` (L2 of the grads as used, after
