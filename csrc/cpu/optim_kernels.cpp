@@ -19,9 +19,19 @@
 namespace fusedopt::cpu::FUSEDOPT_ISA {
 namespace {
 
+// Column `column` of a table row as a T array starting at element `first` of the tensor.
 template <typename T>
-T* column_ptr(const int64_t* row, int column) {
-  return reinterpret_cast<T*>(row[column]);
+T* column_ptr(const int64_t* row, int column, int64_t first = 0) {
+  T* base = reinterpret_cast<T*>(row[column]);
+  return base != nullptr ? base + first : nullptr;
+}
+
+// The `extra` column holds fp32 master weights or a compensation buffer of the param's type.
+template <Precision PREC, typename P>
+void* extra_ptr(const int64_t* row, int64_t first) {
+  if (PREC == Precision::kMaster) return column_ptr<float>(row, kColExtra, first);
+  if (PREC == Precision::kKahan) return column_ptr<P>(row, kColExtra, first);
+  return nullptr;
 }
 
 // Per-tensor values computed once before the parallel loop.
@@ -93,20 +103,23 @@ struct PieceStats {
   }
 };
 
-// Runs body(i, stats) over [begin, end); with telemetry on, the piece's sums are added in
-// double to the chunk's slot for the tensor's group.
+// Runs body(i, stats) for i in [0, n), a piece of at most one chunk; with telemetry on, the
+// piece's sums are added in double to the chunk's slot for the tensor's group. The bodies
+// index arrays that start at the piece (see at()), so i is a small int: stochastic
+// rounding's index arithmetic then vectorizes on 32-bit lanes (precision.h, random_bits).
 template <typename Body>
-void run_piece(int64_t begin, int64_t end, double* slot, Body body) {
+void run_piece(int64_t n, double* slot, Body body) {
+  const int count = int(n);
   if (slot == nullptr) {
     // Elements are independent (params, grads and states never alias): vectorize without the
     // compiler's runtime alias checks.
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) body(i, NoStats{});
+    for (int i = 0; i < count; ++i) body(i, NoStats{});
     return;
   }
   float g = 0.0f, p = 0.0f, u = 0.0f, b = 0.0f;
 #pragma omp simd reduction(+ : g, p, u, b)
-  for (int64_t i = begin; i < end; ++i) body(i, PieceStats{g, p, u, b});
+  for (int i = 0; i < count; ++i) body(i, PieceStats{g, p, u, b});
   slot[kStatGradSq] += g;
   slot[kStatParamSq] += p;
   slot[kStatUpdateSq] += u;
@@ -150,15 +163,15 @@ void adam_loop(const StepCall& call) {
   StatSlots stats(call, work.chunks());
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
     const int64_t* row = call.table + t * kNumTableColumns;
-    P* __restrict__ param = column_ptr<P>(row, kColParam);
-    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad);
-    S* __restrict__ m = column_ptr<S>(row, kColState0);
-    S* __restrict__ v = column_ptr<S>(row, kColState1);
-    S* __restrict__ vmax = column_ptr<S>(row, kColState2);
-    void* __restrict__ extra = column_ptr<void>(row, kColExtra);
+    P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
+    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
+    S* __restrict__ m = column_ptr<S>(row, kColState0, begin);
+    S* __restrict__ v = column_ptr<S>(row, kColState1, begin);
+    S* __restrict__ vmax = column_ptr<S>(row, kColState2, begin);
+    void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
     const AdamScalars s = plans[t].scalars;
-    const RoundingKeys keys = plans[t].keys;
-    run_piece(begin, end, stats.slot(c, row[kColGroup]), [&](int64_t i, auto st) {
+    const RoundingKeys keys = plans[t].keys.at(begin);
+    run_piece(end - begin, stats.slot(c, row[kColGroup]), [&](int64_t i, auto st) {
       adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys, st);
     });
   }); });
@@ -176,20 +189,20 @@ void sgd_loop(const StepCall& call) {
   StatSlots stats(call, work.chunks());
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
     const int64_t* row = call.table + t * kNumTableColumns;
-    P* __restrict__ param = column_ptr<P>(row, kColParam);
-    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad);
-    S* __restrict__ buf = column_ptr<S>(row, kColState0);
-    void* __restrict__ extra = column_ptr<void>(row, kColExtra);
+    P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
+    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
+    S* __restrict__ buf = column_ptr<S>(row, kColState0, begin);
+    void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
     const SgdScalars s = plans[t].scalars;
-    const RoundingKeys keys = plans[t].keys;
+    const RoundingKeys keys = plans[t].keys.at(begin);
     double* slot = stats.slot(c, row[kColGroup]);
     // The first-step flag is hoisted so each loop body stays branch-free.
     if (plans[t].first) {
-      run_piece(begin, end, slot, [&](int64_t i, auto st) {
+      run_piece(end - begin, slot, [&](int64_t i, auto st) {
         sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys, st);
       });
     } else {
-      run_piece(begin, end, slot, [&](int64_t i, auto st) {
+      run_piece(end - begin, slot, [&](int64_t i, auto st) {
         sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys, st);
       });
     }

@@ -83,10 +83,15 @@ FUSEDOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax,
 }
 
 // Random keys of one tensor for one step (only read under stochastic rounding). `offset` is
-// the global index of the tensor's first element (nonzero for a shard of a larger param).
+// the global index of element 0 of the arrays the element function is handed: the tensor's
+// first element (nonzero for a shard of a larger param), advanced by `at` when a loop hands
+// in arrays that start inside the tensor.
 struct RoundingKeys {
   uint32_t a, b;
   int64_t offset;
+
+  // The keys of the same elements seen through arrays that start `first` elements later.
+  FUSEDOPT_HD RoundingKeys at(int64_t first) const { return {a, b, offset + first}; }
 };
 
 FUSEDOPT_HD RoundingKeys rounding_keys(uint64_t seed, int64_t param_index, int64_t step, int64_t offset = 0) {
@@ -102,8 +107,7 @@ struct ElementRandom {
 template <Precision PREC>
 FUSEDOPT_HD ElementRandom element_random(const RoundingKeys& keys, int64_t i, bool need_b) {
   if (PREC != Precision::kStochastic) return {0u, 0u};
-  const int64_t global = keys.offset + i;
-  return {random_bits(keys.a, global), need_b ? random_bits(keys.b, global) : 0u};
+  return {random_bits(keys.a, keys.offset, i), need_b ? random_bits(keys.b, keys.offset, i) : 0u};
 }
 
 // Stores a state value: stochastically rounded (with the given 16 random bits) when the step

@@ -27,15 +27,15 @@ FUSEDOPT_HD bf16_t bf16_round_nearest(float f) {
 }
 
 // Adds 16 random bits below the bf16 mantissa and truncates: rounds up with probability
-// equal to the distance from the lower neighbour, so E[round(x)] = x. Non-finite values are
-// truncated as they are (inf stays inf, NaN stays a quiet NaN): adding to their payload could
-// carry into the sign.
+// equal to the distance from the lower neighbour, so E[round(x)] = x. Infinities come out as
+// they went in (their low 16 bits are zero, so the add cannot carry); a NaN is truncated to a
+// quiet NaN with its sign, as adding to its payload could carry into the sign. One compare
+// and one select per element: this sits in the hottest loop of the stochastic paths.
 FUSEDOPT_HD bf16_t bf16_round_stochastic(float f, uint32_t random) {
   uint32_t u = float_bits(f);
-  bool finite = (u & 0x7F800000u) != 0x7F800000u;
   uint32_t sr = (u + (random & 0xFFFFu)) >> 16;
-  uint32_t special = (u >> 16) | ((u & 0x007FFFFFu) != 0u ? 0x0040u : 0u);
-  return bf16_t{uint16_t(finite ? sr : special)};
+  bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return bf16_t{uint16_t(nan ? ((u >> 16) | 0x0040u) : sr)};
 }
 
 // ---- fp16 (IEEE half) --------------------------------------------------------------------
@@ -91,12 +91,20 @@ FUSEDOPT_HD uint32_t rng_key(uint64_t seed, int64_t param_index, int64_t step, u
   return k;
 }
 
-// 32 random bits for one element: one bijective mix of the element index under the key (the
-// index's upper half shifts the input), so distinct elements of a tensor never share bits.
-// One draw serves two rounded buffers (16 bits each), which halves the hashing per element.
-FUSEDOPT_HD uint32_t random_bits(uint32_t key, int64_t index) {
-  uint32_t hi = uint32_t(uint64_t(index) >> 32);
-  return mix32((uint32_t(index) ^ key) + hi * 0x27D4EB2Fu);
+// 32 random bits for the element at global index g = offset + i (offset, i >= 0): one
+// bijective mix of g under the key, mix32((lo32(g) ^ key) + hi32(g) * 0x27D4EB2F), so distinct
+// elements of a tensor never share bits. g's halves are formed on 32-bit values: the upper
+// half is offset's plus i's plus the carry out of the lower half. When the caller's i is a
+// small non-negative loop index (the CPU passes chunk-local indices), i's upper half folds to
+// zero and the loop vectorizes on 32-bit lanes, with no 64-bit index math or multiply per
+// element; one draw serves two rounded buffers (16 bits each).
+FUSEDOPT_HD uint32_t random_bits(uint32_t key, int64_t offset, int64_t i) {
+  constexpr uint32_t kHiMul = 0x27D4EB2Fu;
+  const uint32_t offset_lo = uint32_t(offset);
+  const uint32_t lo = offset_lo + uint32_t(i);
+  const uint32_t hi = uint32_t(uint64_t(offset) >> 32) + uint32_t(uint64_t(i) >> 32);
+  const uint32_t carry_term = lo < offset_lo ? kHiMul : 0u;
+  return mix32((lo ^ key) + (hi * kHiMul + carry_term));
 }
 
 // Two draws per element: A feeds the param (low 16 bits) and the first state (high 16 bits),
