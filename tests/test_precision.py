@@ -201,6 +201,34 @@ def test_master_weights_is_the_fp32_run(name, ref_cls, kw):
     assert (got[3].detach().float() != init[3].float()).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("name,kw", [("AdamW", dict(lr=0.01, weight_decay=0.1)),
+                                     ("SGD", dict(lr=0.05, momentum=0.9))], ids=["adamw", "sgd"])
+@pytest.mark.parametrize("start", [0, 1, 3, 8])
+def test_master_weights_write_exactly_the_param_at_any_alignment(name, kw, start):
+    """A param that is a view at an odd offset of a larger bf16 storage (a misaligned address
+    and an odd length, spanning several chunks of the CPU loop): under master weights it must
+    come out as round(master), equal to the same param stepped on its own, and no byte of the
+    storage around it may change."""
+    n = 2 * 32768 + 5  # three chunks of the CPU loop, the last one odd
+    storage = make_tensors([(n + 16,)], dtype=BF16, seed=5)[0]
+    before = storage.clone()
+    p = nn.Parameter(storage[start:start + n])
+    assert p.data_ptr() == storage.data_ptr() + 2 * start  # a view: shares the storage
+    alone = nn.Parameter(p.detach().clone())
+    opt, opt_alone = fo(name, [p], master_weights=True, **kw), fo(name, [alone], master_weights=True, **kw)
+    for k in range(3):
+        g = make_tensors([(n,)], dtype=BF16, seed=50 + k)[0]
+        p.grad, alone.grad = g.clone(), g.clone()
+        opt.step()
+        opt_alone.step()
+    master = opt.state[p]["master_param"]
+    assert_bits_equal(p.detach(), master.to(BF16), msg="param != round(master)")
+    assert torch.equal(master, opt_alone.state[alone]["master_param"])
+    assert (p.detach() != before[start:start + n]).float().mean() > 0.9  # the step wrote it
+    assert_bits_equal(storage[:start], before[:start], msg="bytes before the param changed")
+    assert_bits_equal(storage[start + n:], before[start + n:], msg="bytes after the param changed")
+
+
 # ============================================================================================
 # 2. stochastic rounding
 # ============================================================================================

@@ -1,8 +1,9 @@
 // The CUDA kernels: Adam/AdamW and SGD steps as functors of the multi-tensor launcher, the
 // step-counter update, a deterministic sum of squares and weight averaging. The math is the
 // shared headers' (adam_scalars / adam_element / sgd_scalars / sgd_element / rounding_keys /
-// average_element), called here exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls
-// it; this file only decides which thread handles which element.
+// average_element), called exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls it
+// (through the tiles of element_tiles.h); this file only decides which block and thread
+// handle which elements.
 //
 // Nothing here synchronises with the host, allocates or copies: the tables travel as kernel
 // arguments, device scalars (grad scale, found_inf, clip coefficient, lr, step) are read in
@@ -12,32 +13,31 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "../fusedopt/adam.h"
-#include "../fusedopt/averaging.h"
-#include "../fusedopt/sgd.h"
 #include "../fusedopt/step_dispatch.h"
+#include "element_tiles.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedopt::cuda {
 namespace {
 
 // ---- launch geometry ---------------------------------------------------------------------
-// Optimizer steps: one block per chunk of 64Ki elements; each thread handles kStepIlp
-// elements per iteration, kStepThreads apart (coalesced), 32 iterations per full chunk.
-// At least two blocks per SM: at most 64 registers per thread.
+// Optimizer steps: one block per chunk of 64Ki elements; each thread takes tiles of W
+// elements (element_tiles.h), kStepThreads tiles apart (coalesced): 32 tiles per thread and
+// full chunk when W = 4, 16 when W = 8. At least two blocks per SM: at most 64 registers
+// per thread.
 constexpr int kStepThreads = 512;
 constexpr int kStepMinBlocks = 2;
-constexpr int kStepIlp = 4;
 constexpr int64_t kStepChunk = 65536;
-static_assert(kStepChunk % (int64_t(kStepThreads) * kStepIlp) == 0, "full chunks take no tail path");
+static_assert(kStepChunk % (int64_t(kStepThreads) * kMaxRoundElements) == 0,
+              "full chunks take whole rounds of tiles and no one-element tail");
 
 // Sum of squares: a fixed grid of kReduceBlocks blocks strides over chunks of kReduceChunk
 // elements; each block owns one float64 slot of the workspace.
 constexpr int kReduceThreads = 256;
-constexpr int kReduceIlp = 8;
 constexpr int64_t kReduceChunk = 8192;
 constexpr int kReduceBlocks = 512;
 constexpr int kFinishThreads = 512;
+static_assert(kReduceChunk % kMaxTileWidth == 0, "chunks start on tile boundaries");
 
 // Step counters advanced per launch of increment_steps_kernel (one block).
 constexpr int kCounterThreads = 512;
@@ -124,102 +124,6 @@ __device__ __forceinline__ double tensor_lr(const StepTensor& t) {
   return t.lr != nullptr ? double(*t.lr) : t.group[kGroupLr];
 }
 
-// ---- element loops -------------------------------------------------------------------------
-// Each thread updates elements base, base + T, ..., base + (ILP-1)*T of the chunk (T =
-// threads per block), calling the shared element function with the element's index in the
-// whole tensor.
-//
-// Memory-level parallelism: the element functions load, compute and store one element, and
-// no compiler pass moves the next element's loads above this element's stores. So a full
-// group of ILP elements is first *preloaded*: the loop loads, through the shared load
-// functions, what the element function will load, and keep_live pins the values. The
-// pointers are __restrict__ parameters here, so the compiler knows the element stores
-// cannot change those values and forwards the preloaded registers into the element
-// functions' own loads. With nvcc 13.0 the PTX shows all ILP x 4 loads ahead of the stores
-// for fp32/bf16 Adam and momentum-free SGD; where the element code branches (fp16 loads,
-// stochastic rounding, SGD momentum) the element loads stay and the preload acts as an L1
-// prefetch issued for the whole group. The preloaded values are otherwise unused: results
-// never depend on this. -DFUSEDOPT_CUDA_PRELOAD=0 turns it off (for A/B timing).
-#ifndef FUSEDOPT_CUDA_PRELOAD
-#define FUSEDOPT_CUDA_PRELOAD 1
-#endif
-constexpr bool kPreload = FUSEDOPT_CUDA_PRELOAD != 0;
-
-__device__ __forceinline__ void keep_live(float x) { asm volatile("" ::"f"(x)); }
-
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
-__device__ __forceinline__ void adam_preload(const P* param, const P* grad, const S* exp_avg, const S* exp_avg_sq,
-                                             const S* max_exp_avg_sq, const void* extra, int64_t i) {
-  keep_live(load_param<PREC>(param, static_cast<const float*>(extra), i));
-  keep_live(load_float(grad[i]));
-  keep_live(load_float(exp_avg[i]));
-  keep_live(load_float(exp_avg_sq[i]));
-  if constexpr (AMSGRAD) keep_live(load_float(max_exp_avg_sq[i]));
-  if constexpr (PREC == Precision::kKahan) keep_live(load_float(static_cast<const P*>(extra)[i]));
-}
-
-template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST>
-__device__ __forceinline__ void sgd_preload(const P* param, const P* grad, const S* momentum_buffer, const void* extra,
-                                            int64_t i) {
-  keep_live(load_param<PREC>(param, static_cast<const float*>(extra), i));
-  keep_live(load_float(grad[i]));
-  if constexpr (MOMENTUM && !FIRST) keep_live(load_float(momentum_buffer[i]));
-  if constexpr (PREC == Precision::kKahan) keep_live(load_float(static_cast<const P*>(extra)[i]));
-}
-
-template <typename P, typename S, Precision PREC, bool AMSGRAD, typename Stats>
-__device__ __forceinline__ void adam_chunk(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
-                                           S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq,
-                                           void* __restrict__ extra, int64_t begin, int64_t end, const AdamScalars& s,
-                                           const RoundingKeys& keys, Stats stats) {
-  constexpr int64_t kT = kStepThreads;
-  for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
-    if (base + (kStepIlp - 1) * kT < end) {
-      if constexpr (kPreload) {
-#pragma unroll
-        for (int k = 0; k < kStepIlp; ++k)
-          adam_preload<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, base + k * kT);
-      }
-#pragma unroll
-      for (int k = 0; k < kStepIlp; ++k)
-        adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, base + k * kT, s,
-                                          keys, stats);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kStepIlp; ++k) {
-        const int64_t i = base + k * kT;
-        if (i < end)
-          adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, i, s, keys, stats);
-      }
-    }
-  }
-}
-
-template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST, typename Stats>
-__device__ __forceinline__ void sgd_chunk(P* __restrict__ param, const P* __restrict__ grad,
-                                          S* __restrict__ momentum_buffer, void* __restrict__ extra, int64_t begin,
-                                          int64_t end, const SgdScalars& s, const RoundingKeys& keys, Stats stats) {
-  constexpr int64_t kT = kStepThreads;
-  for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
-    if (base + (kStepIlp - 1) * kT < end) {
-      if constexpr (kPreload) {
-#pragma unroll
-        for (int k = 0; k < kStepIlp; ++k)
-          sgd_preload<P, S, PREC, MOMENTUM, FIRST>(param, grad, momentum_buffer, extra, base + k * kT);
-      }
-#pragma unroll
-      for (int k = 0; k < kStepIlp; ++k)
-        sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, base + k * kT, FIRST, s, keys, stats);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kStepIlp; ++k) {
-        const int64_t i = base + k * kT;
-        if (i < end) sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, i, FIRST, s, keys, stats);
-      }
-    }
-  }
-}
-
 // ---- track_stats -------------------------------------------------------------------------------
 // The element functions report (grad as stored, param before, param after) to a Stats
 // object; here each thread sums them in registers, the block adds its threads' sums in a
@@ -264,54 +168,57 @@ __device__ __forceinline__ void add_block_stats(const float (&acc)[kNumStats], d
 }
 
 // ---- step functors -----------------------------------------------------------------------
-// One block per chunk. Thread 0 reads the device scalars and computes the tensor's scalars
-// and rounding keys (as the CPU's plan_tensors does per tensor); the block shares them.
+// What Adam and SGD add to the common step functor: the tensor's scalars, and the op a
+// thread runs over its share of the chunk.
 template <typename P, typename S, Precision PREC, bool AMSGRAD>
-struct AdamFunctor {
-  static constexpr int kBlockThreads = kStepThreads;
-  static constexpr int kMinBlocksPerSm = kStepMinBlocks;
-  StepScalars scalars;
-  double* stats;
+struct AdamStep {
+  using Scalars = AdamScalars;
 
-  int64_t grid(int64_t n_chunks) const { return n_chunks; }
+  __device__ static Scalars scalars(const StepTensor& t, double step, float unscale) {
+    return adam_scalars(t.group, tensor_lr(t), step, unscale);
+  }
 
-  __device__ void operator()(const StepList& list) const {
-    const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
-    const StepTensor& t = list.meta[c.slot];
-    __shared__ AdamScalars shared_scalars;
-    __shared__ RoundingKeys shared_keys;
-    __shared__ int shared_run;
-    if (threadIdx.x == 0) {
-      float unscale = 1.0f;
-      const bool run = read_unscale(scalars, &unscale);
-      if (run) {
-        const double step = next_step(t.step);
-        shared_scalars = adam_scalars(t.group, tensor_lr(t), step, unscale);
-        shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step), t.rng_offset);
-      }
-      shared_run = run ? 1 : 0;
-    }
-    __syncthreads();
-    if (shared_run == 0) return;
-    const AdamScalars s = shared_scalars;  // into registers: the loop's stores cannot alias them
-    const RoundingKeys keys = shared_keys;
-    P* param = static_cast<P*>(t.param);
-    const P* grad = static_cast<const P*>(t.grad);
-    S* m = static_cast<S*>(t.state0);
-    S* v = static_cast<S*>(t.state1);
-    S* vmax = static_cast<S*>(t.state2);
-    if (stats == nullptr) {
-      adam_chunk<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, t.extra, c.begin, c.end, s, keys, NoStats{});
-    } else {
-      float acc[kNumStats] = {};
-      adam_chunk<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, t.extra, c.begin, c.end, s, keys, RegisterStats{acc});
-      add_block_stats(acc, stats + t.group_index * kNumStats);
-    }
+  template <typename Stats>
+  __device__ static void run(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys,
+                             Stats stats) {
+    const AdamOp<P, S, PREC, AMSGRAD, Stats> op{static_cast<P*>(t.param), static_cast<const P*>(t.grad),
+                                                static_cast<S*>(t.state0), static_cast<S*>(t.state1),
+                                                static_cast<S*>(t.state2), t.extra, s, keys, stats};
+    run_thread_share(op, c.begin, c.end, int(threadIdx.x), kStepThreads);
   }
 };
 
 template <typename P, typename S, Precision PREC, bool MOMENTUM>
-struct SgdFunctor {
+struct SgdStep {
+  using Scalars = SgdScalars;
+
+  // SGD's step number only keys the random bits of stochastic rounding.
+  __device__ static Scalars scalars(const StepTensor& t, double, float unscale) {
+    return sgd_scalars(t.group, tensor_lr(t), unscale);
+  }
+
+  template <bool FIRST, typename Stats>
+  __device__ static void run_first(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys,
+                                   Stats stats) {
+    const SgdOp<P, S, PREC, MOMENTUM, FIRST, Stats> op{static_cast<P*>(t.param), static_cast<const P*>(t.grad),
+                                                       static_cast<S*>(t.state0), t.extra, s, keys, stats};
+    run_thread_share(op, c.begin, c.end, int(threadIdx.x), kStepThreads);
+  }
+
+  // The first-step flag is a template parameter so each loop body stays branch-free.
+  template <typename Stats>
+  __device__ static void run(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys,
+                             Stats stats) {
+    if (t.first != 0) run_first<true>(t, c, s, keys, stats);
+    else run_first<false>(t, c, s, keys, stats);
+  }
+};
+
+// One block per chunk. Thread 0 reads the device scalars and computes the tensor's scalars
+// and rounding keys (as the CPU's plan_tensors does per tensor); the block shares them, or
+// returns at once when found_inf says to skip the step.
+template <typename Step>
+struct StepFunctor {
   static constexpr int kBlockThreads = kStepThreads;
   static constexpr int kMinBlocksPerSm = kStepMinBlocks;
   StepScalars scalars;
@@ -320,41 +227,31 @@ struct SgdFunctor {
   int64_t grid(int64_t n_chunks) const { return n_chunks; }
 
   __device__ void operator()(const StepList& list) const {
+    using Scalars = typename Step::Scalars;
     const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
     const StepTensor& t = list.meta[c.slot];
-    __shared__ SgdScalars shared_scalars;
+    __shared__ Scalars shared_scalars;
     __shared__ RoundingKeys shared_keys;
     __shared__ int shared_run;
     if (threadIdx.x == 0) {
       float unscale = 1.0f;
       const bool run = read_unscale(scalars, &unscale);
       if (run) {
-        // SGD keeps a step only when stochastic rounding keys its random bits by it.
         const double step = next_step(t.step);
-        shared_scalars = sgd_scalars(t.group, tensor_lr(t), unscale);
+        shared_scalars = Step::scalars(t, step, unscale);
         shared_keys = rounding_keys(t.seed, t.param_index, int64_t(step), t.rng_offset);
       }
       shared_run = run ? 1 : 0;
     }
     __syncthreads();
     if (shared_run == 0) return;
-    const SgdScalars s = shared_scalars;
+    const Scalars s = shared_scalars;  // into registers: the loop's stores cannot alias them
     const RoundingKeys keys = shared_keys;
-    P* param = static_cast<P*>(t.param);
-    const P* grad = static_cast<const P*>(t.grad);
-    S* buf = static_cast<S*>(t.state0);
-    // The first-step flag is a template parameter so each loop body stays branch-free.
     if (stats == nullptr) {
-      if (t.first != 0)
-        sgd_chunk<P, S, PREC, MOMENTUM, true>(param, grad, buf, t.extra, c.begin, c.end, s, keys, NoStats{});
-      else
-        sgd_chunk<P, S, PREC, MOMENTUM, false>(param, grad, buf, t.extra, c.begin, c.end, s, keys, NoStats{});
+      Step::run(t, c, s, keys, NoStats{});
     } else {
       float acc[kNumStats] = {};
-      if (t.first != 0)
-        sgd_chunk<P, S, PREC, MOMENTUM, true>(param, grad, buf, t.extra, c.begin, c.end, s, keys, RegisterStats{acc});
-      else
-        sgd_chunk<P, S, PREC, MOMENTUM, false>(param, grad, buf, t.extra, c.begin, c.end, s, keys, RegisterStats{acc});
+      Step::run(t, c, s, keys, RegisterStats{acc});
       add_block_stats(acc, stats + t.group_index * kNumStats);
     }
   }
@@ -407,11 +304,11 @@ void run_step(const StepCall& call, const char* name) {
 
 template <typename P, typename S, Precision PREC, bool V>
 struct AdamKernel {
-  static void run(const StepCall& call) { run_step<AdamFunctor<P, S, PREC, V>>(call, "adam_step"); }
+  static void run(const StepCall& call) { run_step<StepFunctor<AdamStep<P, S, PREC, V>>>(call, "adam_step"); }
 };
 template <typename P, typename S, Precision PREC, bool V>
 struct SgdKernel {
-  static void run(const StepCall& call) { run_step<SgdFunctor<P, S, PREC, V>>(call, "sgd_step"); }
+  static void run(const StepCall& call) { run_step<StepFunctor<SgdStep<P, S, PREC, V>>>(call, "sgd_step"); }
 };
 
 // ---- deterministic sum of squares --------------------------------------------------------------
@@ -443,28 +340,13 @@ struct SumSquaresFunctor {
   int64_t grid(int64_t) const { return kReduceBlocks; }
 
   __device__ void operator()(const TensorList<const void*>& list) const {
-    constexpr int64_t kT = kReduceThreads;
-    double acc[kReduceIlp];
-#pragma unroll
-    for (int k = 0; k < kReduceIlp; ++k) acc[k] = 0.0;
+    double sum = 0.0;
     for (int64_t chunk = blockIdx.x; chunk < list.n_chunks; chunk += gridDim.x) {
       const ChunkRef c = locate_chunk(list, chunk);
-      const T* __restrict__ x = static_cast<const T*>(list.meta[c.slot]);
-      for (int64_t base = c.begin + threadIdx.x; base < c.end; base += kT * kReduceIlp) {
-#pragma unroll
-        for (int k = 0; k < kReduceIlp; ++k) {
-          const int64_t i = base + k * kT;
-          if (i < c.end) {
-            const double v = load_float(x[i]);
-            acc[k] += v * v;
-          }
-        }
-      }
+      const SumSquaresOp<T> op{static_cast<const T*>(list.meta[c.slot]), &sum};
+      run_thread_share(op, c.begin, c.end, int(threadIdx.x), kReduceThreads);
     }
-    double v = 0.0;
-#pragma unroll
-    for (int k = 0; k < kReduceIlp; ++k) v += acc[k];
-    const double total = block_sum<kReduceThreads>(v);
+    const double total = block_sum<kReduceThreads>(sum);
     if (threadIdx.x == 0) partials[blockIdx.x] = (list.launch_index == 0 ? 0.0 : partials[blockIdx.x]) + total;
   }
 };
@@ -498,19 +380,6 @@ struct AveragePair {
 };
 
 template <typename T>
-__device__ __forceinline__ void average_chunk(float* __restrict__ avg, const T* __restrict__ src, int64_t begin,
-                                              int64_t end, float weight) {
-  constexpr int64_t kT = kStepThreads;
-  for (int64_t base = begin + threadIdx.x; base < end; base += kT * kStepIlp) {
-#pragma unroll
-    for (int k = 0; k < kStepIlp; ++k) {
-      const int64_t i = base + k * kT;
-      if (i < end) average_element(avg, src, i, weight);
-    }
-  }
-}
-
-template <typename T>
 struct AverageFunctor {
   static constexpr int kBlockThreads = kStepThreads;
   static constexpr int kMinBlocksPerSm = kStepMinBlocks;
@@ -521,7 +390,8 @@ struct AverageFunctor {
   __device__ void operator()(const TensorList<AveragePair>& list) const {
     const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
     const AveragePair& pair = list.meta[c.slot];
-    average_chunk<T>(pair.avg, static_cast<const T*>(pair.src), c.begin, c.end, weight);
+    const AverageOp<T> op{pair.avg, static_cast<const T*>(pair.src), weight};
+    run_thread_share(op, c.begin, c.end, int(threadIdx.x), kStepThreads);
   }
 };
 
