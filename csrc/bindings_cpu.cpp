@@ -4,9 +4,11 @@
 #include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
 #include <stdexcept>
 #include <string>
 
+#include "bindings_common.h"
 #include "cpu/dispatch.h"
 
 namespace py = pybind11;
@@ -15,38 +17,24 @@ using namespace fusedopt::cpu;
 
 namespace {
 
-using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
-
-DType to_dtype(int code, const char* what) {
-  if (code < 0 || code > 2) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
-  return DType(code);
-}
+using bindings::DoubleArray;
+using bindings::Int64Array;
+using bindings::to_dtype;
 
 StepCall make_call(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
                    int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef,
                    int64_t stats, int num_threads) {
-  if (table.ndim() != 2 || table.shape(1) != kNumTableColumns)
-    throw std::invalid_argument("fusedopt: table must be (n_tensors, " + std::to_string(kNumTableColumns) + ")");
-  if (groups.ndim() != 2 || groups.shape(1) != kNumGroupFields)
-    throw std::invalid_argument("fusedopt: groups must be (n_groups, " + std::to_string(kNumGroupFields) + ")");
-  if (precision < 0 || precision > 3) throw std::invalid_argument("fusedopt: bad precision code");
+  bindings::check_step_tables(table, groups);
   StepCall call;
   call.table = table.data();
   call.n_tensors = table.shape(0);
   call.groups = groups.data();
   call.n_groups = groups.shape(0);
-  for (int64_t t = 0; t < call.n_tensors; ++t) {
-    int64_t g = call.table[t * kNumTableColumns + kColGroup];
-    if (g < 0 || g >= call.n_groups) throw std::invalid_argument("fusedopt: table row names a missing group");
-  }
   call.param_dtype = to_dtype(param_dtype, "params");
   call.state_dtype = to_dtype(state_dtype, "state");
-  call.precision = Precision(precision);
+  call.precision = bindings::to_precision(precision);
   call.variant = variant;
-  call.scalars.grad_scale = reinterpret_cast<const float*>(grad_scale);
-  call.scalars.found_inf = reinterpret_cast<const float*>(found_inf);
-  call.scalars.clip_coef = reinterpret_cast<const float*>(clip_coef);
+  call.scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef);
   call.stats = reinterpret_cast<double*>(stats);
   call.num_threads = num_threads > 0 ? num_threads : 1;
   return call;
@@ -63,8 +51,7 @@ void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtyp
 }
 
 double sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int num_threads) {
-  if (ptrs.ndim() != 1 || numels.ndim() != 1 || ptrs.shape(0) != numels.shape(0))
-    throw std::invalid_argument("fusedopt: ptrs and numels must be 1-d and of equal length");
+  bindings::check_lists({&ptrs, &numels}, "ptrs and numels");
   ReduceCall call;
   call.ptrs = ptrs.data();
   call.numels = numels.data();
@@ -77,9 +64,7 @@ double sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, 
 
 void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& numels, int src_dtype, double weight,
              int num_threads) {
-  if (avgs.ndim() != 1 || srcs.ndim() != 1 || numels.ndim() != 1 || avgs.shape(0) != srcs.shape(0) ||
-      avgs.shape(0) != numels.shape(0))
-    throw std::invalid_argument("fusedopt: avgs, srcs and numels must be 1-d and of equal length");
+  bindings::check_lists({&avgs, &srcs, &numels}, "avgs, srcs and numels");
   AverageCall call;
   call.avgs = avgs.data();
   call.srcs = srcs.data();
@@ -160,11 +145,8 @@ int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Arra
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedopt CPU kernels: multi-tensor optimizer steps over raw pointer tables";
-  auto step_args = [](const char* variant) {
-    return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
-                           py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0,
-                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stats") = 0,
-                           py::arg("num_threads") = 1);
+  const auto step_args = [](const char* variant) {
+    return bindings::step_arguments(variant, py::arg("num_threads") = 1);
   };
   std::apply([&](auto... a) { m.def("adam_step", &run_step<&KernelTable::adam_step>, a...); }, step_args("amsgrad"));
   std::apply([&](auto... a) { m.def("sgd_step", &run_step<&KernelTable::sgd_step>, a...); }, step_args("momentum"));

@@ -1,5 +1,5 @@
-// Python bindings of the CUDA kernels (module fusedopt._C_cuda). Same tables and checks as
-// the CPU module (csrc/bindings_cpu.cpp); the scalar addresses, tensor addresses and the
+// Python bindings of the CUDA kernels (module fusedopt._C_cuda). Same tables, checks and
+// keyword names as the CPU module (csrc/bindings_common.h); the scalar addresses, tensor addresses and the
 // stream are device-side values that this file only passes on: it never touches device
 // memory and never synchronises. The only file of the CUDA build that sees pybind11.
 #include <cuda_runtime_api.h>
@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../fusedopt/tensor_table.h"
+#include "../bindings_common.h"
 
 #ifndef FUSEDOPT_CUDA_ARCH_LIST
 #define FUSEDOPT_CUDA_ARCH_LIST
@@ -38,28 +38,9 @@ using namespace fusedopt;
 
 namespace {
 
-using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
-
-DType to_dtype(int code, const char* what) {
-  if (code < 0 || code > 2) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
-  return DType(code);
-}
-
-// The checks of the CPU module's make_call: table and group shapes, codes, group indices.
-void check_tables(const Int64Array& table, const DoubleArray& groups, int precision) {
-  if (table.ndim() != 2 || table.shape(1) != kNumTableColumns)
-    throw std::invalid_argument("fusedopt: table must be (n_tensors, " + std::to_string(kNumTableColumns) + ")");
-  if (groups.ndim() != 2 || groups.shape(1) != kNumGroupFields)
-    throw std::invalid_argument("fusedopt: groups must be (n_groups, " + std::to_string(kNumGroupFields) + ")");
-  if (precision < 0 || precision > 3) throw std::invalid_argument("fusedopt: bad precision code");
-  const int64_t* rows = table.data();
-  const int64_t n_groups = groups.shape(0);
-  for (int64_t t = 0; t < table.shape(0); ++t) {
-    int64_t g = rows[t * kNumTableColumns + kColGroup];
-    if (g < 0 || g >= n_groups) throw std::invalid_argument("fusedopt: table row names a missing group");
-  }
-}
+using bindings::DoubleArray;
+using bindings::Int64Array;
+using bindings::to_dtype;
 
 int device_count();
 
@@ -100,24 +81,21 @@ using StepFn = void (*)(const int64_t*, int64_t, const double*, DType, DType, Pr
 
 template <StepFn Fn>
 void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
-              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stream, int64_t stats) {
-  check_tables(table, groups, precision);
+              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats, int64_t stream) {
+  bindings::check_step_tables(table, groups);
   const DType pd = to_dtype(param_dtype, "params");
   const DType sd = to_dtype(state_dtype, "state");
-  StepScalars scalars;
-  scalars.grad_scale = reinterpret_cast<const float*>(grad_scale);
-  scalars.found_inf = reinterpret_cast<const float*>(found_inf);
-  scalars.clip_coef = reinterpret_cast<const float*>(clip_coef);
+  const Precision prec = bindings::to_precision(precision);
+  const StepScalars scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef);
   py::gil_scoped_release release;
   DeviceGuard guard(reinterpret_cast<cudaStream_t>(stream));
-  Fn(table.data(), table.shape(0), groups.data(), pd, sd, Precision(precision), variant, scalars,
+  Fn(table.data(), table.shape(0), groups.data(), pd, sd, prec, variant, scalars,
      reinterpret_cast<double*>(stats), reinterpret_cast<cudaStream_t>(stream));
 }
 
 void sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int64_t out, int64_t workspace,
                  int64_t stream) {
-  if (ptrs.ndim() != 1 || numels.ndim() != 1 || ptrs.shape(0) != numels.shape(0))
-    throw std::invalid_argument("fusedopt: ptrs and numels must be 1-d and of equal length");
+  bindings::check_lists({&ptrs, &numels}, "ptrs and numels");
   const DType dt = to_dtype(dtype, "sum_squares");
   if (out == 0) throw std::invalid_argument("fusedopt: sum_squares needs an output address");
   if (workspace == 0) throw std::invalid_argument("fusedopt: sum_squares needs a workspace address");
@@ -129,9 +107,7 @@ void sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, in
 
 void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& numels, int src_dtype, double weight,
              int64_t stream) {
-  if (avgs.ndim() != 1 || srcs.ndim() != 1 || numels.ndim() != 1 || avgs.shape(0) != srcs.shape(0) ||
-      avgs.shape(0) != numels.shape(0))
-    throw std::invalid_argument("fusedopt: avgs, srcs and numels must be 1-d and of equal length");
+  bindings::check_lists({&avgs, &srcs, &numels}, "avgs, srcs and numels");
   const DType dt = to_dtype(src_dtype, "average");
   py::gil_scoped_release release;
   DeviceGuard guard(reinterpret_cast<cudaStream_t>(stream));
@@ -163,12 +139,7 @@ int cuda_runtime_version() {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fusedopt CUDA kernels: multi-tensor optimizer steps over raw device-pointer tables";
-  auto step_args = [](const char* variant) {
-    return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
-                           py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0,
-                           py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stream") = 0,
-                           py::arg("stats") = 0);
-  };
+  const auto step_args = [](const char* variant) { return bindings::step_arguments(variant, py::arg("stream") = 0); };
   std::apply([&](auto... a) { m.def("adam_step", &run_step<&cuda::adam_step>, a...); }, step_args("amsgrad"));
   std::apply([&](auto... a) { m.def("sgd_step", &run_step<&cuda::sgd_step>, a...); }, step_args("momentum"));
   m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("out"),

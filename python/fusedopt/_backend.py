@@ -71,6 +71,14 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+def launch_kwargs(device: torch.device) -> dict:
+    """The backend's own trailing keyword of every kernel call: the CPU's thread count (torch's
+    intra-op setting), or the CUDA stream (torch's current stream on that device)."""
+    if device.type == "cpu":
+        return {"num_threads": num_threads()}
+    return {"stream": torch.cuda.current_stream(device).cuda_stream}
+
+
 def is_dense(shape, strides) -> bool:
     """Contiguous or a permutation of a contiguous layout (no gaps, no overlap): the kernels
     can then walk the storage as one flat array in which every tensor of the same layout

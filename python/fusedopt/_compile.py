@@ -129,10 +129,7 @@ def _run_step(kernel: str, params, grads, state0, state1, state2, extras, steps,
         if stats.dtype != torch.float64 or stats.device != device or not stats.is_contiguous():
             raise RuntimeError("fusedopt: stats must be a contiguous float64 tensor on the params' device")
         kwargs["stats"] = stats.data_ptr()
-    if device.type == "cpu":
-        kwargs["num_threads"] = B.num_threads()
-    else:
-        kwargs["stream"] = torch.cuda.current_stream(device).cuda_stream
+    kwargs.update(B.launch_kwargs(device))
     getattr(B.module_for(device), kernel)(table, group_table, B.TORCH_DTYPE_CODES[pdtype], state_dtype, precision,
                                           variant, **kwargs)
 

@@ -32,8 +32,5 @@ def average_(avgs: list[torch.Tensor], srcs: list[torch.Tensor], weight: float) 
     for (device, dtype), (pa, ps, n) in buckets.items():
         args = (np.asarray(pa, np.int64), np.asarray(ps, np.int64), np.asarray(n, np.int64),
                 B.TORCH_DTYPE_CODES[dtype], float(weight))
-        if device.type == "cpu":
-            B._C.average(*args, B.num_threads())
-        else:
-            B.cuda_module().average(*args, stream=torch.cuda.current_stream(device).cuda_stream)
+        B.module_for(device).average(*args, **B.launch_kwargs(device))
 

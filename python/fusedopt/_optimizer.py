@@ -453,10 +453,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             kwargs = dict(grad_scale=_ptr(gs), found_inf=_ptr(fi), clip_coef=_ptr(cc))
             if b.device in stats and b.counted:  # (replicas another rank counts add nothing)
                 kwargs["stats"] = stats[b.device].data_ptr()
-            if b.device.type == "cpu":
-                kwargs["num_threads"] = B.num_threads()
-            else:
-                kwargs["stream"] = torch.cuda.current_stream(b.device).cuda_stream
+            kwargs.update(B.launch_kwargs(b.device))
             getattr(mod, self._kernel)(b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
                                        B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
             for p, stand_in in b.writebacks:

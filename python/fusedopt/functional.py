@@ -73,9 +73,7 @@ def _run(kernel: str, lists: dict, group_row: list, variant: bool, flags: int, s
             steps = torch.full((len(r),), float(step - 1), dtype=torch.float32, device=device)
             table[:, B.COL_STEP] = steps.data_ptr() + 4 * np.arange(len(r), dtype=np.int64)
         mod = B.module_for(device)
-        extra = ({"num_threads": B.num_threads()} if device.type == "cpu"
-                 else {"stream": torch.cuda.current_stream(device).cuda_stream})
-        getattr(mod, kernel)(table, groups, code, code, B.PLAIN, variant, **extra)
+        getattr(mod, kernel)(table, groups, code, code, B.PLAIN, variant, **B.launch_kwargs(device))
         if steps is not None and device.type == "cuda":
             steps = None  # the kernel has been enqueued; the caching allocator keeps the block stream-ordered
 
