@@ -151,6 +151,21 @@ WorkList work_of(const StepCall& call) {
   return WorkList(call.n_tensors, [&](int64_t t) { return call.table[t * kNumTableColumns + kColNumel]; });
 }
 
+// Runs piece(row, plan, begin, end, stats_slot) on every piece [begin, end) of every tensor,
+// chunks in parallel, then adds up the telemetry slots in chunk order.
+template <typename Scalars, typename Piece>
+void for_each_piece_parallel(const StepCall& call, const std::vector<TensorPlan<Scalars>>& plans, Piece piece) {
+  const WorkList work = work_of(call);
+  StatSlots stats(call, work.chunks());
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
+    work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+      const int64_t* row = call.table + t * kNumTableColumns;
+      piece(row, plans[t], begin, end, stats.slot(c, row[kColGroup]));
+    });
+  });
+  stats.finish(work.chunks());
+}
+
 template <typename P, typename S, Precision PREC, bool AMSGRAD>
 void adam_loop(const StepCall& call) {
   float unscale;
@@ -159,23 +174,20 @@ void adam_loop(const StepCall& call) {
                                          [&](const double* g, double lr, double step) {
                                            return adam_scalars(g, lr, step, unscale);
                                          });
-  const WorkList work = work_of(call);
-  StatSlots stats(call, work.chunks());
-  parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
-    const int64_t* row = call.table + t * kNumTableColumns;
+  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<AdamScalars>& plan, int64_t begin,
+                                           int64_t end, double* slot) {
     P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
     const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
     S* __restrict__ m = column_ptr<S>(row, kColState0, begin);
     S* __restrict__ v = column_ptr<S>(row, kColState1, begin);
     S* __restrict__ vmax = column_ptr<S>(row, kColState2, begin);
     void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
-    const AdamScalars s = plans[t].scalars;
-    const RoundingKeys keys = plans[t].keys.at(begin);
-    run_piece(end - begin, stats.slot(c, row[kColGroup]), [&](int64_t i, auto st) {
+    const AdamScalars s = plan.scalars;
+    const RoundingKeys keys = plan.keys.at(begin);
+    run_piece(end - begin, slot, [&](int64_t i, auto st) {
       adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys, st);
     });
-  }); });
-  stats.finish(work.chunks());
+  });
 }
 
 template <typename P, typename S, Precision PREC, bool MOMENTUM>
@@ -185,19 +197,16 @@ void sgd_loop(const StepCall& call) {
   // SGD has a step column only when stochastic rounding needs one to key its random bits.
   auto plans = plan_tensors<SgdScalars>(call, PREC == Precision::kStochastic,
                                         [&](const double* g, double lr, double) { return sgd_scalars(g, lr, unscale); });
-  const WorkList work = work_of(call);
-  StatSlots stats(call, work.chunks());
-  parallel_for_chunks(work, call.num_threads, [&](int64_t c) { work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
-    const int64_t* row = call.table + t * kNumTableColumns;
+  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<SgdScalars>& plan, int64_t begin,
+                                           int64_t end, double* slot) {
     P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
     const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
     S* __restrict__ buf = column_ptr<S>(row, kColState0, begin);
     void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
-    const SgdScalars s = plans[t].scalars;
-    const RoundingKeys keys = plans[t].keys.at(begin);
-    double* slot = stats.slot(c, row[kColGroup]);
+    const SgdScalars s = plan.scalars;
+    const RoundingKeys keys = plan.keys.at(begin);
     // The first-step flag is hoisted so each loop body stays branch-free.
-    if (plans[t].first) {
+    if (plan.first) {
       run_piece(end - begin, slot, [&](int64_t i, auto st) {
         sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys, st);
       });
@@ -206,8 +215,7 @@ void sgd_loop(const StepCall& call) {
         sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys, st);
       });
     }
-  }); });
-  stats.finish(work.chunks());
+  });
 }
 
 template <typename P, typename S, Precision PREC, bool V>
