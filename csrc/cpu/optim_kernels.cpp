@@ -26,11 +26,10 @@ T* column_ptr(const int64_t* row, int column, int64_t first = 0) {
   return base != nullptr ? base + first : nullptr;
 }
 
-// The `extra` column holds fp32 master weights or a compensation buffer of the param's type.
+// The `extra` column as an array of what it holds (adam.h: ExtraOf), from element `first`.
 template <Precision PREC, typename P>
 void* extra_ptr(const int64_t* row, int64_t first) {
-  if (PREC == Precision::kMaster) return column_ptr<float>(row, kColExtra, first);
-  if (PREC == Precision::kKahan) return column_ptr<P>(row, kColExtra, first);
+  if constexpr (kHasExtra<PREC>) return column_ptr<ExtraOf<P, PREC>>(row, kColExtra, first);
   return nullptr;
 }
 

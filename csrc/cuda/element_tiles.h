@@ -100,12 +100,6 @@ struct TileBuffer {
   }
 };
 
-// What `extra` holds: the fp32 master copy, or the Kahan compensation in the param's type.
-template <Precision PREC>
-constexpr bool kHasExtra = PREC == Precision::kMaster || PREC == Precision::kKahan;
-template <typename P, Precision PREC>
-using ExtraOf = std::conditional_t<PREC == Precision::kMaster, float, P>;
-
 // ---- ops -------------------------------------------------------------------------------------
 // Each op has: kWidth (W), kTilesInFlight, aligned() (every buffer it touches is 16-byte
 // aligned), from(begin) (the same op on the elements from `begin` on: its index i is the

@@ -3,6 +3,7 @@
 // `adam_element` in their inner loop; nothing else in the project knows Adam's math.
 #pragma once
 #include <cmath>
+#include <type_traits>
 #include "precision.h"
 #include "tensor_table.h"
 
@@ -117,6 +118,13 @@ FUSEDOPT_HD void store_state(S* dst, float v, uint32_t random16) {
   if (PREC == Precision::kStochastic) store_stochastic(dst, v, random16);
   else store_nearest(dst, v);
 }
+
+// What the `extra` buffer of a row holds: the fp32 master copy (kMaster) or the compensation
+// in the param's type (kKahan); nothing under the other precisions.
+template <Precision PREC>
+constexpr bool kHasExtra = PREC == Precision::kMaster || PREC == Precision::kKahan;
+template <typename P, Precision PREC>
+using ExtraOf = std::conditional_t<PREC == Precision::kMaster, float, P>;
 
 // Loads the fp32 working value of a param under a precision mode.
 template <Precision PREC, typename P>
