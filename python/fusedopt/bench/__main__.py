@@ -8,26 +8,13 @@ import time
 
 import torch
 
+from .._cli import positive_float, positive_int
 from . import cases as _cases
 from .progress import Progress
 from .report import format_table, render_markdown, write_json, write_plot
 from .suite import Settings, run_suite
 
 DEFAULT_JSON = "bench_results.json"
-
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda when available, else cpu")
     p.add_argument("--cases", default=None,
                    help="comma-separated case names (default: all; see --list-cases)")
-    p.add_argument("--scale", type=_positive_float, default=1.0,
+    p.add_argument("--scale", type=positive_float, default=1.0,
                    help="multiply every case's param count (first dim of each shape, min 1)")
     p.add_argument("--quick", action="store_true",
                    help="5 rounds, 1 warm-up step, >= 5 ms samples, 5 bandwidth samples, "
                         "120 s time budget (same tensor sizes)")
-    p.add_argument("--repeats", type=_positive_int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="interleaved timing rounds (default 20, --quick 5)")
-    p.add_argument("--warmup", type=_positive_int, default=None,
+    p.add_argument("--warmup", type=positive_int, default=None,
                    help="untimed steps per contender before timing (default 3, --quick 1)")
     p.add_argument("--json", default=DEFAULT_JSON, metavar="PATH",
                    help=f"where to write the results (default {DEFAULT_JSON})")
@@ -61,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "spent (--quick: 120; 0 = no budget)")
     p.add_argument("--no-peers", action="store_true", help="do not look for peer libraries")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
-    p.add_argument("--bandwidth-mib", type=_positive_float, default=None,
+    p.add_argument("--bandwidth-mib", type=positive_float, default=None,
                    help="size of the bandwidth probe tensor (default 256 MiB on CPU, 1024 on "
                         "CUDA, times --scale when < 1, min 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of params and grads")

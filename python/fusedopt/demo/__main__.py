@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .._cli import fraction, positive_int
 from . import data, model, report
 from .progress import Progress
 from .runs import RUNS, TrainConfig, train
@@ -22,20 +23,6 @@ DEFAULTS = {"tiny": dict(steps=200, lr=1e-3), "small": dict(steps=300, lr=5e-4),
             "medium": dict(steps=1000, lr=5e-4)}
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
-
-
-def _fraction(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fusedopt.demo",
@@ -45,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights), with and without weight decay. Writes loss_curves.png and "
                     "demo.json and prints the final losses.",
         epilog="runs: " + "; ".join(f"{r.name}: {r.label}" for r in RUNS.values()))
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="training steps per run (default: " +
                         ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()) + ")")
     p.add_argument("--size", choices=list(model.SIZES), default="small",
@@ -62,13 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: "
                    + ", ".join(f"{k} {v['lr']:g}" for k, v in DEFAULTS.items()) + ")")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of steps)")
-    p.add_argument("--cooldown", type=_fraction, default=0.2,
+    p.add_argument("--cooldown", type=fraction, default=0.2,
                    help="fraction of the steps in the 1-sqrt cooldown (default 0.2)")
-    p.add_argument("--eval-every", type=_positive_int, default=None,
+    p.add_argument("--eval-every", type=positive_int, default=None,
                    help="steps between validation evaluations (default steps/20)")
-    p.add_argument("--val-batches", type=_positive_int, default=8,
+    p.add_argument("--val-batches", type=positive_int, default=8,
                    help="validation batches, fixed windows of the held-out text (default 8)")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch/fusedopt CPU threads (default 1: the models are too small to "
                         "gain from more, and one thread keeps timings steady on a shared machine)")
     p.add_argument("--no-plot", action="store_true", help="do not write loss_curves.png")
