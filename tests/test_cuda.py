@@ -237,6 +237,29 @@ def test_cpu_and_cuda_give_the_same_bits(case):
     assert_all_bits_equal(dev_p, dev_opt, cpu_p, cpu_opt, msg="CUDA vs CPU")
 
 
+def to_dev_misaligned(params):
+    """GPU copies that are views one element into a larger storage: no param buffer is 16-byte
+    aligned, so the kernels take their one-element path instead of 16-byte tiles."""
+    out = []
+    for p in params:
+        view = torch.empty(p.numel() + 1, dtype=p.dtype, device=DEV)[1:].view(p.shape)
+        out.append(nn.Parameter(view.copy_(p.detach()), requires_grad=p.requires_grad))
+    return out
+
+
+@pytest.mark.parametrize("case", BIT_CASES, ids=[c[0] for c in BIT_CASES])
+def test_misaligned_params_give_the_same_bits(case):
+    """The one-element path writes what the tile path and the CPU write."""
+    _, name, kwargs, dtype = case
+    params = make_params(MANY_SHAPES, dtype=dtype)
+    grads = make_grads(MANY_SHAPES, steps=STEPS, dtype=dtype)
+    cpu_p, cpu_opt = run_steps(factory(name, kwargs, "cpu"), params, grads)
+    misaligned = to_dev_misaligned(params)
+    assert all(p.data_ptr() % 16 != 0 for p in misaligned)
+    dev_p, dev_opt = run_steps(factory(name, kwargs, DEV), misaligned, grads_to(grads), clone=False)
+    assert_all_bits_equal(dev_p, dev_opt, cpu_p, cpu_opt, msg="misaligned CUDA vs CPU")
+
+
 # --------------------------------------------------------------------------------------------
 # Params on CPU and CUDA in one optimizer
 # --------------------------------------------------------------------------------------------
