@@ -26,11 +26,10 @@ T* column_ptr(const int64_t* row, int column, int64_t first = 0) {
   return base != nullptr ? base + first : nullptr;
 }
 
-// The `extra` column as an array of what it holds (adam.h: ExtraOf), from element `first`.
+// The `extra` column from element `first` on (adam.h: extra_at).
 template <Precision PREC, typename P>
 void* extra_ptr(const int64_t* row, int64_t first) {
-  if constexpr (kHasExtra<PREC>) return column_ptr<ExtraOf<P, PREC>>(row, kColExtra, first);
-  return nullptr;
+  return extra_at<PREC, P>(reinterpret_cast<void*>(row[kColExtra]), first);
 }
 
 // Per-tensor values computed once before the parallel loop.

@@ -134,7 +134,7 @@ struct AdamOp {
   FUSEDOPT_HD AdamOp from(int64_t begin) const {
     return {param + begin, grad + begin, exp_avg + begin, exp_avg_sq + begin,
             AMSGRAD ? max_exp_avg_sq + begin : max_exp_avg_sq,
-            kHasExtra<PREC> ? static_cast<Extra*>(extra) + begin : extra, scalars, keys.at(begin), stats};
+            extra_at<PREC, P>(extra, begin), scalars, keys.at(begin), stats};
   }
 
   FUSEDOPT_HD void element(int64_t i) const {
@@ -200,7 +200,7 @@ struct SgdOp {
 
   FUSEDOPT_HD SgdOp from(int64_t begin) const {
     return {param + begin, grad + begin, MOMENTUM ? momentum_buffer + begin : momentum_buffer,
-            kHasExtra<PREC> ? static_cast<Extra*>(extra) + begin : extra, scalars, keys.at(begin), stats};
+            extra_at<PREC, P>(extra, begin), scalars, keys.at(begin), stats};
   }
 
   FUSEDOPT_HD void element(int64_t i) const {

@@ -126,6 +126,13 @@ constexpr bool kHasExtra = PREC == Precision::kMaster || PREC == Precision::kKah
 template <typename P, Precision PREC>
 using ExtraOf = std::conditional_t<PREC == Precision::kMaster, float, P>;
 
+// The `extra` buffer seen from element `first` on (unchanged, null, when there is none).
+template <Precision PREC, typename P>
+FUSEDOPT_HD void* extra_at(void* extra, int64_t first) {
+  if constexpr (kHasExtra<PREC>) return static_cast<ExtraOf<P, PREC>*>(extra) + first;
+  return extra;
+}
+
 // Loads the fp32 working value of a param under a precision mode.
 template <Precision PREC, typename P>
 FUSEDOPT_HD float load_param(const P* __restrict__ param, const float* __restrict__ master, int64_t i) {
