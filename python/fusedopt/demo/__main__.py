@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "torch.optim.AdamW, fusedopt stochastic rounding, Kahan summation, master "
                     "weights), with and without weight decay. Writes loss_curves.png and "
                     "demo.json and prints the final losses.",
-        epilog="runs: " + "; ".join(f"{r.name}: {r.label}" for r in RUNS.values()))
+        epilog="other experiments: --experiment large-batch | adaptive-lr (each with its own "
+               "--help). runs: " + "; ".join(f"{r.name}: {r.label}" for r in RUNS.values()))
     p.add_argument("--steps", type=positive_int, default=None,
                    help="training steps per run (default: " +
                         ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()) + ")")
@@ -73,7 +74,39 @@ def _parse_list(parser, text: str, kind, what: str) -> list:
     return items
 
 
+# Other experiments: name -> module of this package with a ``main(argv) -> int`` of its own
+# (its own options; ``python -m fusedopt.demo --experiment NAME --help`` lists them).
+EXPERIMENTS = {
+    "precision": None,  # this module: the default
+    "large-batch": "large_batch",
+    "adaptive-lr": "adaptive_lr",
+}
+
+
+def _split_experiment(argv: list[str]) -> tuple[str, list[str]]:
+    """(experiment name, the remaining args) from ``--experiment NAME`` / ``--experiment=NAME``."""
+    rest, name = [], "precision"
+    it = iter(argv)
+    for a in it:
+        if a == "--experiment":
+            name = next(it, "")
+        elif a.startswith("--experiment="):
+            name = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return name, rest
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, argv = _split_experiment(argv)
+    if name not in EXPERIMENTS:
+        print(f"python -m fusedopt.demo: error: --experiment: unknown {name!r}; choose from "
+              f"{', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    if EXPERIMENTS[name] is not None:
+        import importlib
+        return importlib.import_module(f"{__package__}.{EXPERIMENTS[name]}").main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     names = _parse_list(parser, args.runs, str, "runs")
