@@ -228,12 +228,80 @@ def test_state_dict_resume_matches_uninterrupted(lr_type, factory):
     assert first[:5] + rest == want  # bit-exact: same closed form from the same step
 
 
+@pytest.mark.parametrize("lr_type", [float, tensor_lr], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("factory", [
+    lambda o: WSD(o, warmup_steps=5, total_steps=20),
+    lambda o: WarmupCosine(o, warmup_steps=5, total_steps=20),
+], ids=["WSD", "WarmupCosine"])
+def test_loaded_onto_a_fresh_optimizer_continues_the_closed_form(lr_type, factory):
+    """Issue 13.1: the fresh optimizer holds the warmup-start lr (1% of the initial lr) when the
+    saved scheduler state arrives; the next lrs must still be initial_lr * factor(t), not 1% of it."""
+    opt = make_optimizer(lr_type)
+    sched = factory(opt)
+    want = run(opt, sched, 12)
+    opt = make_optimizer(lr_type)
+    sched = factory(opt)
+    run(opt, sched, 7)
+    saved = sched.state_dict()
+    opt2 = make_optimizer(float)  # as in the report: the saved run had a tensor lr, the new one a float
+    sched2 = factory(opt2)
+    sched2.load_state_dict(saved)
+    assert run(opt2, sched2, 5)[1:] == want[8:13]
+
+
+def test_chainable_resume_with_the_optimizer_state_continues_the_chain():
+    """chainable=True reads the chained lr off the optimizer: resumed with the optimizer's state
+    dict (which holds that lr) it continues the chain exactly."""
+    gamma = 0.9
+    cfg = dict(warmup_steps=3, total_steps=12, cooldown_fraction=0.5, shape="linear")
+
+    def build():
+        o = make_optimizer()
+        return o, WSD(o, **cfg, chainable=True), torch_sched.ExponentialLR(o, gamma)
+
+    opt, wsd, exp = build()
+    for _ in range(6):
+        opt.step()
+        wsd.step()
+        exp.step()
+    saved = (wsd.state_dict(), exp.state_dict(), opt.state_dict())
+    opt2, wsd2, exp2 = build()
+    opt2.load_state_dict(saved[2])
+    wsd2.load_state_dict(saved[0])
+    exp2.load_state_dict(saved[1])
+    got = []
+    for _ in range(3):
+        opt2.step()
+        wsd2.step()
+        exp2.step()
+        got.append([g["lr"] for g in opt2.param_groups])
+    # ExponentialLR multiplies the group's current lr by gamma each step; its chain with WSD
+    # gives wsd(t) * gamma**t.
+    for i, lrs in enumerate(got):
+        t = 7 + i
+        for lr, base in zip(lrs, BASE_LRS):
+            assert lr == pytest.approx(base * wsd_ref(t, **cfg) * gamma**t, rel=1e-10), t
+
+
+def test_plain_schedule_ignores_an_lr_set_by_hand():
+    """Without chainable, the closed form owns the lr: a hand-set lr is overwritten next step."""
+    cfg = dict(warmup_steps=2, total_steps=10, cooldown_fraction=0.3, shape="linear")
+    opt = make_optimizer()
+    sched = WSD(opt, **cfg)
+    opt.step()
+    sched.step()
+    opt.param_groups[0]["lr"] = 123.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(BASE_LRS[0] * wsd_ref(2, **cfg), rel=1e-12)
+
+
 @pytest.mark.parametrize("order", ["wsd-first", "other-first"])
 def test_chained_with_exponential_lr(order):
     gamma = 0.9
     cfg = dict(warmup_steps=3, total_steps=12, cooldown_fraction=0.5, shape="1-sqrt", final_factor=0.2)
     opt = make_optimizer()
-    wsd = WSD(opt, **cfg)
+    wsd = WSD(opt, **cfg, chainable=True)
     exp = torch_sched.ExponentialLR(opt, gamma)
     chain = torch_sched.ChainedScheduler([wsd, exp] if order == "wsd-first" else [exp, wsd])
     got = run(opt, chain, 15)
@@ -247,7 +315,7 @@ def test_chained_with_multistep_by_hand_and_linear_warmup_built_first():
     cfg = dict(warmup_steps=2, total_steps=10, cooldown_fraction=0.3, shape="linear")
     opt = make_optimizer()
     lin = torch_sched.LinearLR(opt, start_factor=0.5, total_iters=4)
-    wsd = WSD(opt, **cfg)
+    wsd = WSD(opt, **cfg, chainable=True)
     ms = torch_sched.MultiStepLR(opt, milestones=[5], gamma=0.5)
 
     def lin_ref(t):

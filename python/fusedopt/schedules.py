@@ -3,14 +3,20 @@
 Both are :class:`torch.optim.lr_scheduler.LRScheduler` subclasses, so ``state_dict`` /
 ``load_state_dict``, ``get_last_lr`` and chaining with other schedulers work as in torch:
 
-* **Closed form.** Used alone, each group's lr after ``t`` calls of :meth:`step` is exactly
-  ``initial_lr * factor(t)`` (no product of per-step ratios, so no drift over long runs).
-* **Chaining.** A change made to ``group["lr"]`` by another scheduler (or by hand) since this
-  one last set it is kept as a multiplier: the next lr is ``initial_lr * factor(t) * m`` with
-  ``m = group["lr"] / (initial_lr * factor(t - 1))``. So ``ChainedScheduler([WSD(...),
-  ExponentialLR(...)])`` gives ``initial_lr * factor(t) * gamma**t``, as torch's own chainable
-  schedulers do. While this schedule's own lr is 0 (``warmup_start_factor=0`` at step 0,
-  ``final_factor=0`` at the end) the multiplier cannot be read off and the last one is kept.
+* **Closed form.** Each group's lr after ``t`` calls of :meth:`step` is exactly
+  ``initial_lr * factor(t)`` (no product of per-step ratios, so no drift over long runs), whatever
+  lr the optimizer held before: a scheduler whose state is loaded onto a freshly built optimizer
+  continues exactly where the saved one was.
+* **Chaining** (opt-in, ``chainable=True``). A change made to ``group["lr"]`` by another
+  scheduler (or by hand) since this one last set it is kept as a multiplier: the next lr is
+  ``initial_lr * factor(t) * m`` with ``m = group["lr"] / (initial_lr * factor(t - 1))``. So
+  ``ChainedScheduler([WSD(..., chainable=True), ExponentialLR(...)])`` gives
+  ``initial_lr * factor(t) * gamma**t``, as torch's own chainable schedulers do. While this
+  schedule's own lr is 0 (``warmup_start_factor=0`` at step 0, ``final_factor=0`` at the end)
+  the multiplier cannot be read off and the last one is kept. A chained schedule reads the
+  optimizer's lr, so on resume load the optimizer's state dict (which holds the chained lr)
+  along with the schedulers'. Off by default, because a plain schedule must never mistake an
+  lr it did not set (a fresh optimizer's, say) for a chained one.
 * **Tensor lrs** (for CUDA graphs / ``torch.compile``) are updated in place with
   ``group["lr"].fill_(value)`` and computed with tensor arithmetic: same object, no host sync.
 """
@@ -65,7 +71,10 @@ class _WarmupDecay(LRScheduler):
     ``total_steps`` on. Factors multiply each group's ``initial_lr``."""
 
     def __init__(self, optimizer, warmup_steps, total_steps, decay_start, shape, warmup_start_factor,
-                 final_factor, last_epoch):
+                 final_factor, last_epoch, chainable):
+        if not isinstance(chainable, bool):
+            raise ValueError(f"chainable must be a bool, got {chainable!r}")
+        self.chainable = chainable
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.decay_start = decay_start
@@ -100,6 +109,8 @@ class _WarmupDecay(LRScheduler):
     def get_lr(self):
         t = self.last_epoch
         f = self._factor(t)
+        if not self.chainable:
+            return self._get_closed_form_lr()
         values, own, scale = [], [], []
         for i, (group, base) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
             if self._own is None:
@@ -156,7 +167,7 @@ class WSD(_WarmupDecay):
     """
 
     def __init__(self, optimizer, warmup_steps, total_steps, cooldown_fraction=0.2, shape="1-sqrt",
-                 warmup_start_factor=0.01, final_factor=0.0, last_epoch=-1):
+                 warmup_start_factor=0.01, final_factor=0.0, last_epoch=-1, *, chainable=False):
         total_steps = _check_int("total_steps", total_steps, 1)
         warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         cooldown_fraction = _check_unit("cooldown_fraction", cooldown_fraction)
@@ -173,7 +184,7 @@ class WSD(_WarmupDecay):
         self.cooldown_fraction = cooldown_fraction
         self.cooldown_steps = cooldown_steps
         super().__init__(optimizer, warmup_steps, total_steps, total_steps - cooldown_steps, shape,
-                         warmup_start_factor, final_factor, last_epoch)
+                         warmup_start_factor, final_factor, last_epoch, chainable)
 
 
 class WarmupCosine(_WarmupDecay):
@@ -187,7 +198,7 @@ class WarmupCosine(_WarmupDecay):
     """
 
     def __init__(self, optimizer, warmup_steps, total_steps, warmup_start_factor=0.01, final_factor=0.0,
-                 last_epoch=-1):
+                 last_epoch=-1, *, chainable=False):
         total_steps = _check_int("total_steps", total_steps, 1)
         warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         if warmup_steps > total_steps:
@@ -195,4 +206,4 @@ class WarmupCosine(_WarmupDecay):
         warmup_start_factor = _check_unit("warmup_start_factor", warmup_start_factor)
         final_factor = _check_unit("final_factor", final_factor)
         super().__init__(optimizer, warmup_steps, total_steps, warmup_steps, "cosine", warmup_start_factor,
-                         final_factor, last_epoch)
+                         final_factor, last_epoch, chainable)
