@@ -315,3 +315,47 @@ def test_float64_params_work_like_torch_or_are_rejected_cleanly(name, kwargs):
     ref_p, _ = run_steps(torch_ref(getattr(torch.optim, name), **kwargs), params, grads)
     for i, (gp, rp) in enumerate(zip(ps, ref_p)):
         assert_close(gp, rp, msg=f"param {i}")
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 13.4: every group's lr is validated, and a replaced tensor lr rebuilds the plan.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [(-0.1, "Invalid learning rate"),
+                                        (torch.tensor([0.1, 0.2]), "Tensor lr must be 1-element")])
+def test_add_param_group_validates_lr(bad, match):
+    opt = fusedopt.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": bad})
+    assert len(opt.param_groups) == 1
+
+
+def test_lr_replaced_by_an_invalid_one_is_reported_by_step_before_anything_changes():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = fusedopt.AdamW([p], lr=0.1)
+    p.grad = torch.ones(2)
+    opt.step()
+    before = p.detach().clone(), opt.state[p]["exp_avg"].clone(), float(opt.state[p]["step"])
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="group 0: Invalid learning rate"):
+        opt.step()
+    assert torch.equal(p, before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
+    assert float(opt.state[p]["step"]) == before[2]
+
+
+def test_tensor_lr_replaced_after_the_first_step_is_used():
+    """A replaced tensor lr (another dtype here) rebuilds the plan instead of reading a stale one."""
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    q.data.copy_(p.data)
+    opt = fusedopt.SGD([p], lr=torch.tensor(0.1))
+    ref = torch.optim.SGD([q], lr=0.1, foreach=False)
+    for lr in (torch.tensor(0.1), torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25)):
+        opt.param_groups[0]["lr"] = lr
+        ref.param_groups[0]["lr"] = float(lr)
+        g = torch.randn(4)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(p, q)

@@ -297,3 +297,90 @@ def test_load_state_dict_into_a_stepped_optimizer_rewinds_it(name, ref_cls, kwar
         assert set(st) == set(sr)
         for k in sr:
             assert_bits_equal(st[k], sr[k], msg=f"param {i} state[{k}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 13.14-13.16: drop-in gaps found by torch's own optimizer tests.
+# --------------------------------------------------------------------------------------------
+
+
+def test_adam_state_dict_loaded_into_adamw_keeps_decoupled_decay():
+    """torch's AdamW forces decoupled decay on load; an Adam state dict must not turn fusedopt's
+    AdamW into L2 decay (0.90 instead of torch's 0.95 after a zero-grad step)."""
+    def one_step(cls):
+        w = nn.Parameter(torch.ones(1))
+        sd = torch.optim.Adam([nn.Parameter(torch.ones(1))], lr=0.1, weight_decay=0.5).state_dict()
+        o = cls([w], lr=0.1, weight_decay=0.5)
+        o.load_state_dict(sd)
+        w.grad = torch.zeros(1)
+        o.step()
+        return w.detach().clone(), o.param_groups[0]["decoupled_weight_decay"]
+    (want, want_flag), (got, got_flag) = one_step(torch.optim.AdamW), one_step(fusedopt.AdamW)
+    assert want_flag is True and got_flag is True
+    assert torch.equal(got, want) and float(got) == pytest.approx(0.95)
+
+
+def _trained(cls=fusedopt.AdamW, **kwargs):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5))
+    opt = cls([p], lr=0.1, **kwargs)
+    p.grad = torch.randn(5)
+    opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_keeps_its_hooks_and_saves_plain_state(how):
+    """torch pickles only defaults, state and param_groups: the copy must still export plain
+    dicts (weights_only loadable), keep saved dtypes on load and have last_grad_norm."""
+    import pickle
+    p, opt = _trained(max_grad_norm=1.0)
+    copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert copied.last_grad_norm is None  # not stepped yet, but the attribute exists
+    buf = io.BytesIO()
+    torch.save(copied.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert all(type(v) is dict for v in loaded["state"].values())
+    # The copy steps like the original (its params are its own copies).
+    cp = copied.param_groups[0]["params"][0]
+    g = torch.randn(5)
+    p.grad, cp.grad = g.clone(), g.clone()
+    opt.step()
+    copied.step()
+    assert torch.equal(cp, p) and copied.last_grad_norm is not None
+
+
+def test_copied_optimizer_keeps_fp32_state_of_bf16_params_on_load():
+    """The load hooks (which keep fp32 moments of bf16 params) survive a deepcopy."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8).bfloat16())
+    opt = fusedopt.AdamW([p], lr=0.1, state_dtype=torch.float32)
+    p.grad = torch.randn(8).bfloat16()
+    opt.step()
+    copied = copy.deepcopy(opt)
+    copied.load_state_dict(opt.state_dict())
+    cp = copied.param_groups[0]["params"][0]
+    assert copied.state[cp]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_non_dict_state_values_pass_through_like_torch(name):
+    """torch's test puts state["test"] = 1 from a state-dict pre-hook; users keep counters there."""
+    ps, refs = [], []
+    for mod in (fusedopt, torch.optim):
+        p, _ = nn.Parameter(torch.ones(3)), None
+        opt = getattr(mod, name)([p], lr=0.1)
+        p.grad = torch.ones(3)
+        opt.step()
+        opt.state["test"] = 1
+        ps.append(opt)
+    fo_sd, torch_sd = ps[0].state_dict(), ps[1].state_dict()
+    assert fo_sd["state"]["test"] == torch_sd["state"]["test"] == 1
+    assert copy.deepcopy(ps[0]).state["test"] == 1
+    buf = io.BytesIO()
+    torch.save(fo_sd, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["state"]["test"] == 1
+    ps[0].load_state_dict(fo_sd)
+    assert ps[0].state["test"] == 1

@@ -89,12 +89,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError("differentiable=True is not supported by fusedopt (its kernels are not autograd-aware)")
         self._gen = Generation()
         super().__init__(params, defaults)
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """What is not part of torch's pickled state (defaults, state, param_groups): the plan
+        cache, the last norms and the state-dict hooks. Run by __init__ and again by
+        __setstate__ (also reached from load_state_dict, between its hooks: only what is
+        missing is set), so a deepcopy or an unpickled optimizer works like the original."""
         self._plan: Plan | None = None
-        self.last_grad_norm: torch.Tensor | None = None
-        self._saved_state: dict | None = None
-        self.register_load_state_dict_pre_hook(FusedOptimizer._stash_saved_state)
-        self.register_load_state_dict_post_hook(FusedOptimizer._after_load)
-        self.register_state_dict_post_hook(FusedOptimizer._plain_state_dict)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("_saved_state", None)
+        hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks,
+                 self._optimizer_state_dict_post_hooks)
+        for registry, register, hook in zip(
+                hooks, (self.register_load_state_dict_pre_hook, self.register_load_state_dict_post_hook,
+                        self.register_state_dict_post_hook),
+                (FusedOptimizer._stash_saved_state, FusedOptimizer._after_load, FusedOptimizer._plain_state_dict)):
+            if hook not in registry.values():
+                register(hook)
 
     @property
     def state(self):
@@ -113,7 +125,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)  # torch puts "state" into __dict__, past the property
         self.state = self.__dict__.pop("state", self.__dict__.get("_state", {}))
-        self._plan = None
+        self._init_runtime()
 
     # ---- algorithm hooks (overridden) ------------------------------------------------------
     def _moment_keys(self, group) -> tuple[str, ...]:
@@ -133,6 +145,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- groups ----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if "lr" in param_group:
+            check_lr(param_group["lr"])
         self._check_group_precision(param_group)
         super().add_param_group(param_group)
         self._gen.bump()
@@ -165,7 +179,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _plain_state_dict(optimizer, state_dict):
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        # Plain dicts (torch.load(weights_only=True) refuses our tracked containers); a non-dict
+        # value someone keeps in optimizer.state (a counter, say) passes through as torch does.
+        state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
         return state_dict
 
     @staticmethod
@@ -174,7 +190,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer._saved_state = optimizer._saved_ids = None
         params = [p for g in optimizer.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
-            if pid not in saved or p not in optimizer.state:
+            if pid not in saved or p not in optimizer.state or not isinstance(saved[pid], dict):
                 continue
             state = optimizer.state[p]
             for key, value in saved[pid].items():
@@ -289,8 +305,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _structure(self, group) -> tuple:
         """What of a group shapes the plan (a change rebuilds it); scalars like lr do not."""
+        lr = group["lr"]
+        lr_kind = (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None
         return (self._variant(group), self._precision(group), group.get("state_dtype"), self._uses_step(group),
-                isinstance(group["lr"], torch.Tensor), group.get("seed", 0))
+                lr_kind, group.get("seed", 0))
 
     def _walk_params(self):
         """(group index, position in the group, index over all groups, param, grad) of every
@@ -304,7 +322,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self) -> Plan:
         entries = []
         without_grad = []
-        # Pass 1: validate everything; nothing is changed until every param passed.
+        # Pass 1: validate everything; nothing is changed until every param passed. A group's
+        # lr may have been replaced since the constructor checked it.
+        for gi, group in enumerate(self.param_groups):
+            try:
+                check_lr(group["lr"])
+            except ValueError as e:
+                raise ValueError(f"group {gi}: {e}") from None
         for gi, j, k, p, g in self._walk_params():
             if g is None:
                 without_grad.append(p)
@@ -432,6 +456,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for gi, group in enumerate(self.param_groups):  # a float lr may have been replaced by hand
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
+                raise ValueError(f"group {gi}: Invalid learning rate: {lr}")
         plan = self._current_plan()
         if not plan.buckets:
             return loss

@@ -67,7 +67,8 @@ class TrackedState(defaultdict):
         defaultdict.__init__(self, None)
         self._generation = generation
         for key, value in dict(items).items():
-            defaultdict.__setitem__(self, key, TrackedDict(generation, value))
+            # A non-dict value (a counter someone keeps here) is kept as it is, as torch does.
+            defaultdict.__setitem__(self, key, TrackedDict(generation, value) if isinstance(value, dict) else value)
 
     def __missing__(self, key):
         value = TrackedDict(self._generation)
@@ -86,5 +87,5 @@ class TrackedState(defaultdict):
 
 def _plain_state(items):
     out = defaultdict(dict)
-    out.update({k: dict(v) for k, v in items.items()})
+    out.update({k: dict(v) if isinstance(v, dict) else v for k, v in items.items()})
     return out

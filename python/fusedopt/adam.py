@@ -72,6 +72,12 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     """Drop-in for :class:`torch.optim.AdamW` (decoupled decay, ``weight_decay=1e-2``)."""
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # As torch's AdamW: an Adam state dict loaded here keeps AdamW's decoupled decay.
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, **precision):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
