@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "fusedopt/algorithms.h"
 #include "fusedopt/tensor_table.h"
 
 namespace fusedopt::bindings {
@@ -20,7 +21,7 @@ using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 inline DType to_dtype(int code, const char* what) {
-  if (code < 0 || code > 2) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
+  if (code < 0 || code > 3) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
   return DType(code);
 }
 
@@ -60,12 +61,18 @@ inline StepScalars step_scalars(int64_t grad_scale, int64_t found_inf, int64_t c
   return s;
 }
 
-// Keyword arguments of adam_step / sgd_step; `variant` names the kernel variant flag
-// (amsgrad, momentum) and `backend` is the module's own trailing argument.
-inline auto step_arguments(const char* variant, py::arg_v backend) {
-  return std::make_tuple(py::arg("table"), py::arg("groups"), py::arg("param_dtype"), py::arg("state_dtype"),
-                         py::arg("precision"), py::arg(variant), py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-                         py::arg("clip_coef") = 0, py::arg("stats") = 0, std::move(backend));
+inline int to_algorithm(int id) {
+  if (id < 0 || id >= kNumAlgorithms) throw std::invalid_argument("fusedopt: unknown algorithm id " + std::to_string(id));
+  return id;
+}
+
+// Keyword arguments of `step`: `algorithm` is an id of algorithms.h, `variant` its variant flag
+// (Adam: amsgrad, SGD: momentum), and `backend` the module's own trailing argument.
+inline auto step_arguments(py::arg_v backend) {
+  return std::make_tuple(py::arg("algorithm"), py::arg("table"), py::arg("groups"), py::arg("param_dtype"),
+                         py::arg("state_dtype"), py::arg("precision"), py::arg("variant"), py::arg("grad_scale") = 0,
+                         py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stats") = 0,
+                         std::move(backend));
 }
 
 }  // namespace fusedopt::bindings

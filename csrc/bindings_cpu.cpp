@@ -21,11 +21,12 @@ using bindings::DoubleArray;
 using bindings::Int64Array;
 using bindings::to_dtype;
 
-StepCall make_call(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
-                   int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef,
-                   int64_t stats, int num_threads) {
+StepCall make_call(int algorithm, const Int64Array& table, const DoubleArray& groups, int param_dtype,
+                   int state_dtype, int precision, bool variant, int64_t grad_scale, int64_t found_inf,
+                   int64_t clip_coef, int64_t stats, int num_threads) {
   bindings::check_step_tables(table, groups);
   StepCall call;
+  call.algorithm = bindings::to_algorithm(algorithm);
   call.table = table.data();
   call.n_tensors = table.shape(0);
   call.groups = groups.data();
@@ -40,14 +41,13 @@ StepCall make_call(const Int64Array& table, const DoubleArray& groups, int param
   return call;
 }
 
-template <void (*KernelTable::*Fn)(const StepCall&)>
-void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
-              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats,
+void run_step(int algorithm, const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
+              int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats,
               int num_threads) {
-  StepCall call = make_call(table, groups, param_dtype, state_dtype, precision, variant, grad_scale, found_inf,
-                            clip_coef, stats, num_threads);
+  StepCall call = make_call(algorithm, table, groups, param_dtype, state_dtype, precision, variant, grad_scale,
+                            found_inf, clip_coef, stats, num_threads);
   py::gil_scoped_release release;
-  (active_kernels().*Fn)(call);
+  active_kernels().step(call);
 }
 
 double sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int num_threads) {
@@ -145,11 +145,8 @@ int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Arra
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedopt CPU kernels: multi-tensor optimizer steps over raw pointer tables";
-  const auto step_args = [](const char* variant) {
-    return bindings::step_arguments(variant, py::arg("num_threads") = 1);
-  };
-  std::apply([&](auto... a) { m.def("adam_step", &run_step<&KernelTable::adam_step>, a...); }, step_args("amsgrad"));
-  std::apply([&](auto... a) { m.def("sgd_step", &run_step<&KernelTable::sgd_step>, a...); }, step_args("momentum"));
+  std::apply([&](auto... a) { m.def("step", &run_step, a..., "One fused step of an algorithm over a pointer table."); },
+             bindings::step_arguments(py::arg("num_threads") = 1));
   m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("num_threads") = 1,
         "Sum of squares (float64 accumulation) over a list of tensors.");
   m.def("set_tensor_accessors", &set_tensor_accessors, py::arg("data_ptr"), py::arg("is_contiguous"), py::arg("numel"),
@@ -163,4 +160,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   m.attr("table_columns") = int(kNumTableColumns);
   m.attr("group_fields") = int(kNumGroupFields);
+  m.attr("num_algorithms") = int(kNumAlgorithms);
 }

@@ -305,7 +305,7 @@ def test_wsd_scheduler_does_not_recompile():
         seen.append(float(opt.param_groups[0]["lr"]))
     assert len(set(seen)) >= 5, seen  # the lr really changed
     assert len(rec.graphs) == 1, f"{len(rec.graphs)} graphs: recompiled on an lr change"
-    assert any("fusedopt.adam_step_" in n for n in rec.op_names())
+    assert any("fusedopt.step_" in n for n in rec.op_names())
     assert all("lr_scheduler" in r for r in graph_breaks()), list(graph_breaks())
 
 
@@ -342,7 +342,7 @@ def test_sgd_dampening_first_step_falls_back_once():
         set_grads(got, k)
         step()
     assert graph_breaks() == breaks, "graph breaks after the first step"
-    assert any("fusedopt.sgd_step_" in n for n in rec.op_names())
+    assert any("fusedopt.step_" in n for n in rec.op_names())
     ref, _ = _run_step_only("SGD", kwargs, torch.float32, compiled=False, steps=4)
     for a, b in zip(got, ref):
         assert_bits_equal(a.detach(), b.detach())
@@ -380,11 +380,11 @@ def test_amp_scalars_in_compiled_step():
 
 def test_invalid_input_raises_the_eager_error():
     params = make_params(SHAPES)
-    params[2] = nn.Parameter(params[2].detach().double())
+    params[2] = nn.Parameter(params[2].detach().to(torch.complex64))
     opt = fusedopt.AdamW(params, lr=0.01)
     step = torch.compile(opt.step, backend="aot_eager")
     set_grads(params, 0)
-    with pytest.raises(ValueError, match="float64 are not supported"):
+    with pytest.raises(ValueError, match="complex params are not supported"):
         step()
     assert not any(opt.state[p] for p in params), "state was created by a failed step"
 

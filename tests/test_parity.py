@@ -101,6 +101,36 @@ def test_parity_fp32(name, ref_cls, kwargs, tkwargs):
     assert_optimizers_match(got_p, got_opt, ref_p, ref_opt)
 
 
+@pytest.mark.parametrize("name,ref_cls,kwargs,tkwargs", _params(ALL_CASES))
+def test_parity_float64(name, ref_cls, kwargs, tkwargs):
+    """float64 params keep float64 state and are updated in double, as torch does (issue 13.13).
+    Both sides compute every value in double and differ only in operation order (precomputed
+    bias corrections, one divide instead of two): an ulp or so of double per step, so 1e-12
+    relative is ~10^3 ulps of room and still 10^4 times tighter than fp32's tolerance. Tensor
+    lr/betas are float32 tensors: torch does part of its scalar math with them in float32 where
+    fusedopt reads them into double, so those rows get torch's own float64 default tolerance
+    (rtol = atol = 1e-7, what its *_matches_forloop tests use)."""
+    params = [p.double() for p in make_params()]
+    grads = [[g.double() for g in step] for step in make_grads(steps=STEPS)]
+    got_p, got_opt = run_steps(fo_factory(name, **kwargs), params, grads)
+    ref_p, ref_opt = run_steps(torch_ref(ref_cls, **tkwargs), params, grads)
+    assert_moved(params[3], ref_p[3], torch.float32)
+    tensor_scalars = any(torch.is_tensor(v) or (isinstance(v, tuple) and torch.is_tensor(v[0]))
+                         for v in kwargs.values())
+    tol = dict(rtol=1e-7, atol=1e-7) if tensor_scalars else dict(rtol=1e-12, atol=1e-14)
+    for i, (gp, rp) in enumerate(zip(got_p, ref_p, strict=True)):
+        assert gp.dtype == torch.float64
+        torch.testing.assert_close(gp, rp, **tol, msg=lambda m: f"param {i}: {m}")
+        got_state, ref_state = got_opt.state.get(gp, {}), ref_opt.state.get(rp, {})
+        assert set(got_state) == set(ref_state)
+        for k, v in ref_state.items():
+            if k == "step":
+                assert float(got_state[k]) == float(v)
+                continue
+            assert got_state[k].dtype == torch.float64, k
+            torch.testing.assert_close(got_state[k], v, **tol, msg=lambda m: f"param {i} state {k}: {m}")
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name,ref_cls,kwargs,tkwargs", _params(ALL_CASES))
 def test_parity_low_precision(name, ref_cls, kwargs, tkwargs, dtype):

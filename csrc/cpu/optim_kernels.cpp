@@ -5,9 +5,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "../fusedopt/adam.h"
 #include "../fusedopt/averaging.h"
-#include "../fusedopt/sgd.h"
 #include "../fusedopt/step_dispatch.h"
 #include "multi_tensor_cpu.h"
 #include "step_call.h"
@@ -164,65 +162,44 @@ void for_each_piece_parallel(const StepCall& call, const std::vector<TensorPlan<
   stats.finish(work.chunks());
 }
 
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
-void adam_loop(const StepCall& call) {
+// One step of algorithm A over every tensor of the call: the same loop for every algorithm of
+// algorithms.h, which only supplies the element update (element.h: step_element).
+template <class A, typename P, typename S, Precision PREC, bool V>
+void algorithm_loop(const StepCall& call) {
+  using C = ComputeOf<P>;
+  using Scalars = typename A::template Scalars<C>;
   float unscale;
   if (!read_unscale(call.scalars, &unscale)) return;
-  auto plans = plan_tensors<AdamScalars>(call, PREC == Precision::kStochastic,
-                                         [&](const double* g, double lr, double step) {
-                                           return adam_scalars(g, lr, step, unscale);
-                                         });
-  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<AdamScalars>& plan, int64_t begin,
+  auto plans = plan_tensors<Scalars>(call, PREC == Precision::kStochastic,
+                                     [&](const double* g, double lr, double step) {
+                                       return A::template scalars<C>(g, lr, step, unscale);
+                                     });
+  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin,
                                            int64_t end, double* slot) {
     P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
     const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
-    S* __restrict__ m = column_ptr<S>(row, kColState0, begin);
-    S* __restrict__ v = column_ptr<S>(row, kColState1, begin);
-    S* __restrict__ vmax = column_ptr<S>(row, kColState2, begin);
+    S* __restrict__ s0 = column_ptr<S>(row, kColState0, begin);
+    S* __restrict__ s1 = column_ptr<S>(row, kColState1, begin);
+    S* __restrict__ s2 = column_ptr<S>(row, kColState2, begin);
     void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
-    const AdamScalars s = plan.scalars;
-    const RoundingKeys keys = plan.keys.at(begin);
-    run_piece(end - begin, slot, [&](int64_t i, auto st) {
-      adam_element<P, S, PREC, AMSGRAD>(param, grad, m, v, vmax, extra, i, s, keys, st);
-    });
-  });
-}
-
-template <typename P, typename S, Precision PREC, bool MOMENTUM>
-void sgd_loop(const StepCall& call) {
-  float unscale;
-  if (!read_unscale(call.scalars, &unscale)) return;
-  // SGD has a step column only when stochastic rounding needs one to key its random bits.
-  auto plans = plan_tensors<SgdScalars>(call, PREC == Precision::kStochastic,
-                                        [&](const double* g, double lr, double) { return sgd_scalars(g, lr, unscale); });
-  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<SgdScalars>& plan, int64_t begin,
-                                           int64_t end, double* slot) {
-    P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
-    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
-    S* __restrict__ buf = column_ptr<S>(row, kColState0, begin);
-    void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
-    const SgdScalars s = plan.scalars;
+    const Scalars s = plan.scalars;
     const RoundingKeys keys = plan.keys.at(begin);
     // The first-step flag is hoisted so each loop body stays branch-free.
-    if (plan.first) {
+    if (A::kUsesFirst && plan.first) {
       run_piece(end - begin, slot, [&](int64_t i, auto st) {
-        sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, true, s, keys, st);
+        step_element<A, P, S, PREC, V, A::kUsesFirst>(param, grad, s0, s1, s2, extra, i, s, keys, st);
       });
     } else {
       run_piece(end - begin, slot, [&](int64_t i, auto st) {
-        sgd_element<P, S, PREC, MOMENTUM>(param, grad, buf, extra, i, false, s, keys, st);
+        step_element<A, P, S, PREC, V, false>(param, grad, s0, s1, s2, extra, i, s, keys, st);
       });
     }
   });
 }
 
-template <typename P, typename S, Precision PREC, bool V>
-struct AdamKernel {
-  static void run(const StepCall& call) { adam_loop<P, S, PREC, V>(call); }
-};
-template <typename P, typename S, Precision PREC, bool V>
-struct SgdKernel {
-  static void run(const StepCall& call) { sgd_loop<P, S, PREC, V>(call); }
+template <class A, typename P, typename S, Precision PREC, bool V>
+struct StepKernel {
+  static void run(const StepCall& call) { algorithm_loop<A, P, S, PREC, V>(call); }
 };
 
 // Sum of squares in double: per-chunk partials in fixed slots, added in chunk order, so the
@@ -260,6 +237,7 @@ double sum_squares(const ReduceCall& call) {
     case DType::kFloat32: return sum_squares_typed<float>(call);
     case DType::kBFloat16: return sum_squares_typed<bf16_t>(call);
     case DType::kFloat16: return sum_squares_typed<fp16_t>(call);
+    case DType::kFloat64: return sum_squares_typed<double>(call);
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
 }
@@ -281,6 +259,7 @@ void average(const AverageCall& call) {
     case DType::kFloat32: return average_typed<float>(call);
     case DType::kBFloat16: return average_typed<bf16_t>(call);
     case DType::kFloat16: return average_typed<fp16_t>(call);
+    case DType::kFloat64: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for average");
 }
@@ -291,8 +270,7 @@ void average(const AverageCall& call) {
 #define FUSEDOPT_STR(x) FUSEDOPT_STR2(x)
 
 KernelTable kernels() {
-  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<AdamKernel>(c); },
-          [](const StepCall& c) { dispatch_step<SgdKernel>(c); }, sum_squares, average};
+  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

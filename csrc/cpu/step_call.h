@@ -6,6 +6,7 @@
 namespace fusedopt::cpu {
 
 struct StepCall {
+  int algorithm = 0;               // an id of algorithms.h
   const int64_t* table = nullptr;  // n_tensors x kNumTableColumns
   int64_t n_tensors = 0;
   const double* groups = nullptr;  // n_groups x kNumGroupFields
@@ -13,7 +14,7 @@ struct StepCall {
   DType param_dtype = DType::kFloat32;
   DType state_dtype = DType::kFloat32;
   Precision precision = Precision::kPlain;
-  bool variant = false;            // Adam: amsgrad; SGD: momentum != 0
+  bool variant = false;            // the algorithm's variant flag (Adam: amsgrad; SGD: momentum != 0)
   StepScalars scalars;
   double* stats = nullptr;         // n_groups x kNumStats sums to add into (track_stats), or null
   int num_threads = 1;
@@ -42,8 +43,7 @@ struct AverageCall {
 // Every kernel of one instruction-set build; dispatch.cpp picks one table at import.
 struct KernelTable {
   const char* isa;
-  void (*adam_step)(const StepCall&);
-  void (*sgd_step)(const StepCall&);
+  void (*step)(const StepCall&);
   double (*sum_squares)(const ReduceCall&);
   void (*average)(const AverageCall&);
 };

@@ -22,10 +22,9 @@ namespace fusedopt::cuda {
 // Defined in optim_kernels.cu. They launch on `stream` and return without waiting; they
 // throw std::invalid_argument for an unsupported combination (before launching anything)
 // and std::runtime_error when a launch fails.
-void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-               Precision precision, bool amsgrad, StepScalars scalars, double* stats, cudaStream_t stream);
-void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-              Precision precision, bool momentum, StepScalars scalars, double* stats, cudaStream_t stream);
+void step(int algorithm, const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype,
+          DType state_dtype, Precision precision, bool variant, StepScalars scalars, double* stats,
+          cudaStream_t stream);
 void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,
                  double* workspace, cudaStream_t stream);
 int64_t sum_squares_workspace_size();
@@ -76,21 +75,19 @@ class DeviceGuard {
   bool restore_ = false;
 };
 
-using StepFn = void (*)(const int64_t*, int64_t, const double*, DType, DType, Precision, bool, StepScalars, double*,
-                        cudaStream_t);
-
-template <StepFn Fn>
-void run_step(const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype, int precision,
-              bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats, int64_t stream) {
+void run_step(int algorithm, const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
+              int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats,
+              int64_t stream) {
   bindings::check_step_tables(table, groups);
+  algorithm = bindings::to_algorithm(algorithm);
   const DType pd = to_dtype(param_dtype, "params");
   const DType sd = to_dtype(state_dtype, "state");
   const Precision prec = bindings::to_precision(precision);
   const StepScalars scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef);
   py::gil_scoped_release release;
   DeviceGuard guard(reinterpret_cast<cudaStream_t>(stream));
-  Fn(table.data(), table.shape(0), groups.data(), pd, sd, prec, variant, scalars,
-     reinterpret_cast<double*>(stats), reinterpret_cast<cudaStream_t>(stream));
+  cuda::step(algorithm, table.data(), table.shape(0), groups.data(), pd, sd, prec, variant, scalars,
+             reinterpret_cast<double*>(stats), reinterpret_cast<cudaStream_t>(stream));
 }
 
 void sum_squares(const Int64Array& ptrs, const Int64Array& numels, int dtype, int64_t out, int64_t workspace,
@@ -139,9 +136,8 @@ int cuda_runtime_version() {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fusedopt CUDA kernels: multi-tensor optimizer steps over raw device-pointer tables";
-  const auto step_args = [](const char* variant) { return bindings::step_arguments(variant, py::arg("stream") = 0); };
-  std::apply([&](auto... a) { m.def("adam_step", &run_step<&cuda::adam_step>, a...); }, step_args("amsgrad"));
-  std::apply([&](auto... a) { m.def("sgd_step", &run_step<&cuda::sgd_step>, a...); }, step_args("momentum"));
+  std::apply([&](auto... a) { m.def("step", &run_step, a..., "One fused step of an algorithm over a pointer table."); },
+             bindings::step_arguments(py::arg("stream") = 0));
   m.def("sum_squares", &sum_squares, py::arg("ptrs"), py::arg("numels"), py::arg("dtype"), py::arg("out"),
         py::arg("workspace"), py::arg("stream") = 0,
         "Sum of squares (float64 accumulation, deterministic) of a list of device tensors, written as float32 to "
@@ -155,4 +151,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("cuda_runtime_version", &cuda_runtime_version);
   m.attr("table_columns") = int(kNumTableColumns);
   m.attr("group_fields") = int(kNumGroupFields);
+  m.attr("num_algorithms") = int(kNumAlgorithms);
 }

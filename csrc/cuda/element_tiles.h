@@ -4,8 +4,8 @@
 // run the very loops the kernels run.
 //
 // An *op* is one tensor's buffers plus what to do to one element, and no op does math of its
-// own: the steps and the averaging call the shared element functions (adam_element,
-// sgd_element, average_element) on a tile held in local arrays, so the element functions
+// own: the steps and the averaging call the shared element functions (step_element,
+// average_element) on a tile held in local arrays, so the element functions
 // see the same values, in the same order, as on the CPU, and write the same bits.
 //
 // A tile is W consecutive elements, W = 16 / (size of the op's narrowest element type): one
@@ -20,9 +20,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../fusedopt/adam.h"
+#include "../fusedopt/algorithms.h"
 #include "../fusedopt/averaging.h"
-#include "../fusedopt/sgd.h"
 
 // Fully unrolled on the device (local arrays must be indexed with constants to stay in
 // registers); nothing for the host compiler, which does not know this pragma.
@@ -106,128 +105,77 @@ struct TileBuffer {
 // tensor's begin + i), element(i) (one element, through global memory) and a Tile with
 // load(op, first) and update_and_store(op, first) for the tile starting at element `first`.
 
-// The param is not read under kMaster: load_param reads the master in `extra`.
-template <typename P, typename S, Precision PREC, bool AMSGRAD, typename Stats>
-struct AdamOp {
+// One step of algorithm A (element.h: step_element) on one tensor. It loads the param (not
+// under kMaster: load_param reads the master in `extra`), the grad, the state buffers the
+// update reads (A::reads_state; SGD's first step reads none) and the extra buffer, and
+// stores the param, every state buffer and the extra buffer. FIRST: the step that creates
+// the buffers (A::kUsesFirst).
+template <class A, typename P, typename S, Precision PREC, bool V, bool FIRST, typename Stats>
+struct StepOp {
+  using C = ComputeOf<P>;
+  using Scalars = typename A::template Scalars<C>;
   using Extra = ExtraOf<P, PREC>;
+  static constexpr int kStates = A::template kStates<V>;
+  // Without state W follows the param alone (a tile of S would not be whole vectors: fp32
+  // params with bf16 states).
+  using Buffer = std::conditional_t<(kStates > 0), S, P>;
   static constexpr bool kReadsParam = PREC != Precision::kMaster;
-  static constexpr int kWidth = tile_width<P, S>();
-  static constexpr int kTilesInFlight =
-      tiles_in_flight(kWidth, kWidth * (kReadsParam * sizeof(P) + sizeof(P) + (AMSGRAD ? 3 : 2) * sizeof(S) +
-                                        kHasExtra<PREC> * sizeof(Extra)));
-
-  P* param;
-  const P* grad;
-  S* exp_avg;
-  S* exp_avg_sq;
-  S* max_exp_avg_sq;
-  void* extra;
-  AdamScalars scalars;
-  RoundingKeys keys;
-  Stats stats;
-
-  FUSEDOPT_HD bool aligned() const {
-    return vector_aligned(param) && vector_aligned(grad) && vector_aligned(exp_avg) && vector_aligned(exp_avg_sq) &&
-           (!AMSGRAD || vector_aligned(max_exp_avg_sq)) && (!kHasExtra<PREC> || vector_aligned(extra));
-  }
-
-  FUSEDOPT_HD AdamOp from(int64_t begin) const {
-    return {param + begin, grad + begin, exp_avg + begin, exp_avg_sq + begin,
-            AMSGRAD ? max_exp_avg_sq + begin : max_exp_avg_sq,
-            extra_at<PREC, P>(extra, begin), scalars, keys.at(begin), stats};
-  }
-
-  FUSEDOPT_HD void element(int64_t i) const {
-    adam_element<P, S, PREC, AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, extra, i, scalars, keys, stats);
-  }
-
-  struct Tile {
-    TileBuffer<P, kWidth> param, grad;
-    TileBuffer<S, kWidth> exp_avg, exp_avg_sq, max_exp_avg_sq;
-    TileBuffer<Extra, kWidth> extra;
-
-    FUSEDOPT_HD void load(const AdamOp& op, int first) {
-      if constexpr (kReadsParam) param.load(op.param + first);
-      grad.load(op.grad + first);
-      exp_avg.load(op.exp_avg + first);
-      exp_avg_sq.load(op.exp_avg_sq + first);
-      if constexpr (AMSGRAD) max_exp_avg_sq.load(op.max_exp_avg_sq + first);
-      if constexpr (kHasExtra<PREC>) extra.load(static_cast<const Extra*>(op.extra) + first);
-    }
-
-    FUSEDOPT_HD void update_and_store(const AdamOp& op, int first) {
-      const RoundingKeys keys = op.keys.at(first);
-      void* local_extra = kHasExtra<PREC> ? extra.v : nullptr;
-      FUSEDOPT_UNROLL
-      for (int k = 0; k < kWidth; ++k)
-        adam_element<P, S, PREC, AMSGRAD>(param.v, grad.v, exp_avg.v, exp_avg_sq.v, max_exp_avg_sq.v, local_extra, k,
-                                          op.scalars, keys, op.stats);
-      param.store(op.param + first);
-      exp_avg.store(op.exp_avg + first);
-      exp_avg_sq.store(op.exp_avg_sq + first);
-      if constexpr (AMSGRAD) max_exp_avg_sq.store(op.max_exp_avg_sq + first);
-      if constexpr (kHasExtra<PREC>) extra.store(static_cast<Extra*>(op.extra) + first);
-    }
-  };
-};
-
-// FIRST: the step that creates the momentum buffer, which is then written but not read.
-template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST, typename Stats>
-struct SgdOp {
-  using Extra = ExtraOf<P, PREC>;
-  // Without momentum no state is touched, and W follows the param alone (a tile of S would
-  // not be whole vectors: fp32 params with bf16 states).
-  using Buffer = std::conditional_t<MOMENTUM, S, P>;
-  static constexpr bool kReadsParam = PREC != Precision::kMaster;
-  static constexpr bool kReadsBuffer = MOMENTUM && !FIRST;
+  static constexpr bool reads(int k) { return k < kStates && A::template reads_state<V, FIRST>(k); }
+  static constexpr int kStatesRead = int(reads(0)) + int(reads(1)) + int(reads(2));
   static constexpr int kWidth = tile_width<P, Buffer>();
-  static constexpr int kTilesInFlight =
-      tiles_in_flight(kWidth, kWidth * (kReadsParam * sizeof(P) + sizeof(P) + kReadsBuffer * sizeof(S) +
-                                        kHasExtra<PREC> * sizeof(Extra)));
+  static constexpr int kTilesInFlight = tiles_in_flight(
+      kWidth, kWidth * (kReadsParam * sizeof(P) + sizeof(P) + kStatesRead * sizeof(S) + kHasExtra<PREC> * sizeof(Extra)));
 
   P* param;
   const P* grad;
-  S* momentum_buffer;
+  S* state[3];
   void* extra;
-  SgdScalars scalars;
+  Scalars scalars;
   RoundingKeys keys;
   Stats stats;
 
   FUSEDOPT_HD bool aligned() const {
-    return vector_aligned(param) && vector_aligned(grad) && (!MOMENTUM || vector_aligned(momentum_buffer)) &&
-           (!kHasExtra<PREC> || vector_aligned(extra));
+    bool ok = vector_aligned(param) && vector_aligned(grad) && (!kHasExtra<PREC> || vector_aligned(extra));
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < kStates; ++k) ok = ok && vector_aligned(state[k]);
+    return ok;
   }
-
-  FUSEDOPT_HD SgdOp from(int64_t begin) const {
-    return {param + begin, grad + begin, MOMENTUM ? momentum_buffer + begin : momentum_buffer,
-            extra_at<PREC, P>(extra, begin), scalars, keys.at(begin), stats};
+  FUSEDOPT_HD StepOp from(int64_t begin) const {
+    StepOp op = *this;
+    op.param = param + begin;
+    op.grad = grad + begin;
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < kStates; ++k) op.state[k] = state[k] + begin;
+    op.extra = extra_at<PREC, P>(extra, begin);
+    op.keys = keys.at(begin);
+    return op;
   }
-
   FUSEDOPT_HD void element(int64_t i) const {
-    sgd_element<P, S, PREC, MOMENTUM>(param, grad, momentum_buffer, extra, i, FIRST, scalars, keys, stats);
+    step_element<A, P, S, PREC, V, FIRST>(param, grad, state[0], state[1], state[2], extra, i, scalars, keys, stats);
   }
-
   struct Tile {
     TileBuffer<P, kWidth> param, grad;
-    TileBuffer<Buffer, kWidth> momentum_buffer;
+    TileBuffer<Buffer, kWidth> state[3];
     TileBuffer<Extra, kWidth> extra;
-
-    FUSEDOPT_HD void load(const SgdOp& op, int first) {
+    FUSEDOPT_HD void load(const StepOp& op, int first) {
       if constexpr (kReadsParam) param.load(op.param + first);
       grad.load(op.grad + first);
-      if constexpr (kReadsBuffer) momentum_buffer.load(op.momentum_buffer + first);
+      if constexpr (reads(0)) state[0].load(op.state[0] + first);
+      if constexpr (reads(1)) state[1].load(op.state[1] + first);
+      if constexpr (reads(2)) state[2].load(op.state[2] + first);
       if constexpr (kHasExtra<PREC>) extra.load(static_cast<const Extra*>(op.extra) + first);
     }
-
-    FUSEDOPT_HD void update_and_store(const SgdOp& op, int first) {
+    FUSEDOPT_HD void update_and_store(const StepOp& op, int first) {
       const RoundingKeys keys = op.keys.at(first);
       void* local_extra = kHasExtra<PREC> ? extra.v : nullptr;
       FUSEDOPT_UNROLL
       for (int k = 0; k < kWidth; ++k)
-        sgd_element<P, Buffer, PREC, MOMENTUM>(param.v, grad.v, momentum_buffer.v, local_extra, k, FIRST, op.scalars,
-                                               keys, op.stats);
+        step_element<A, P, Buffer, PREC, V, FIRST>(param.v, grad.v, state[0].v, state[1].v, state[2].v, local_extra, k,
+                                                   op.scalars, keys, op.stats);
       param.store(op.param + first);
-      if constexpr (MOMENTUM) momentum_buffer.store(op.momentum_buffer + first);
+      if constexpr (kStates > 0) state[0].store(op.state[0] + first);
+      if constexpr (kStates > 1) state[1].store(op.state[1] + first);
+      if constexpr (kStates > 2) state[2].store(op.state[2] + first);
       if constexpr (kHasExtra<PREC>) extra.store(static_cast<Extra*>(op.extra) + first);
     }
   };

@@ -1,7 +1,6 @@
-// The CUDA kernels: Adam/AdamW and SGD steps as functors of the multi-tensor launcher, the
+// The CUDA kernels: the step of every algorithm of algorithms.h as a functor of the multi-tensor launcher, the
 // step-counter update, a deterministic sum of squares and weight averaging. The math is the
-// shared headers' (adam_scalars / adam_element / sgd_scalars / sgd_element / rounding_keys /
-// average_element), called exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls it
+// shared headers' (A::scalars / step_element / rounding_keys / average_element), called exactly as the CPU loop in csrc/cpu/optim_kernels.cpp calls it
 // (through the tiles of element_tiles.h); this file only decides which block and thread
 // handle which elements.
 //
@@ -66,13 +65,14 @@ struct StepTensor {
 using StepList = TensorList<StepTensor>;
 
 struct StepCall {
+  int algorithm;         // an id of algorithms.h
   const int64_t* table;  // host copy of the table (n_tensors x kNumTableColumns)
   int64_t n_tensors;
   const double* groups;  // host copy of the group table
   DType param_dtype;
   DType state_dtype;
   Precision precision;
-  bool variant;  // Adam: amsgrad; SGD: momentum
+  bool variant;  // the algorithm's variant flag (Adam: amsgrad; SGD: momentum)
   StepScalars scalars;
   double* stats;  // n_groups x kNumStats device sums to add into (track_stats), or null
   cudaStream_t stream;
@@ -168,40 +168,27 @@ __device__ __forceinline__ void add_block_stats(const float (&acc)[kNumStats], d
 }
 
 // ---- step functors -----------------------------------------------------------------------
-// What Adam and SGD add to the common step functor: the tensor's scalars, and the op a
-// thread runs over its share of the chunk.
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
-struct AdamStep {
-  using Scalars = AdamScalars;
+// What an algorithm adds to the common step functor: the tensor's scalars, and the op a
+// thread runs over its share of the chunk (element_tiles.h: StepOp).
+template <class A, typename P, typename S, Precision PREC, bool V>
+struct AlgorithmStep {
+  using Scalars = typename A::template Scalars<ComputeOf<P>>;
 
   __device__ static Scalars scalars(const StepTensor& t, double step, float unscale) {
-    return adam_scalars(t.group, tensor_lr(t), step, unscale);
-  }
-
-  template <typename Stats>
-  __device__ static void run(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys,
-                             Stats stats) {
-    const AdamOp<P, S, PREC, AMSGRAD, Stats> op{static_cast<P*>(t.param), static_cast<const P*>(t.grad),
-                                                static_cast<S*>(t.state0), static_cast<S*>(t.state1),
-                                                static_cast<S*>(t.state2), t.extra, s, keys, stats};
-    run_thread_share(op, c.begin, c.end, int(threadIdx.x), kStepThreads);
-  }
-};
-
-template <typename P, typename S, Precision PREC, bool MOMENTUM>
-struct SgdStep {
-  using Scalars = SgdScalars;
-
-  // SGD's step number only keys the random bits of stochastic rounding.
-  __device__ static Scalars scalars(const StepTensor& t, double, float unscale) {
-    return sgd_scalars(t.group, tensor_lr(t), unscale);
+    return A::template scalars<ComputeOf<P>>(t.group, tensor_lr(t), step, unscale);
   }
 
   template <bool FIRST, typename Stats>
   __device__ static void run_first(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys,
                                    Stats stats) {
-    const SgdOp<P, S, PREC, MOMENTUM, FIRST, Stats> op{static_cast<P*>(t.param), static_cast<const P*>(t.grad),
-                                                       static_cast<S*>(t.state0), t.extra, s, keys, stats};
+    const StepOp<A, P, S, PREC, V, FIRST, Stats> op{static_cast<P*>(t.param),
+                                                    static_cast<const P*>(t.grad),
+                                                    {static_cast<S*>(t.state0), static_cast<S*>(t.state1),
+                                                     static_cast<S*>(t.state2)},
+                                                    t.extra,
+                                                    s,
+                                                    keys,
+                                                    stats};
     run_thread_share(op, c.begin, c.end, int(threadIdx.x), kStepThreads);
   }
 
@@ -209,7 +196,7 @@ struct SgdStep {
   template <typename Stats>
   __device__ static void run(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys,
                              Stats stats) {
-    if (t.first != 0) run_first<true>(t, c, s, keys, stats);
+    if (A::kUsesFirst && t.first != 0) run_first<A::kUsesFirst>(t, c, s, keys, stats);
     else run_first<false>(t, c, s, keys, stats);
   }
 };
@@ -302,13 +289,9 @@ void run_step(const StepCall& call, const char* name) {
   increment_steps(call);
 }
 
-template <typename P, typename S, Precision PREC, bool V>
-struct AdamKernel {
-  static void run(const StepCall& call) { run_step<StepFunctor<AdamStep<P, S, PREC, V>>>(call, "adam_step"); }
-};
-template <typename P, typename S, Precision PREC, bool V>
-struct SgdKernel {
-  static void run(const StepCall& call) { run_step<StepFunctor<SgdStep<P, S, PREC, V>>>(call, "sgd_step"); }
+template <class A, typename P, typename S, Precision PREC, bool V>
+struct StepKernel {
+  static void run(const StepCall& call) { run_step<StepFunctor<AlgorithmStep<A, P, S, PREC, V>>>(call, "step"); }
 };
 
 // ---- deterministic sum of squares --------------------------------------------------------------
@@ -408,16 +391,12 @@ void average_typed(const int64_t* avgs, const int64_t* srcs, const int64_t* nume
 }  // namespace
 
 // ---- entry points (declared again in bindings_cuda.cpp) ---------------------------------
-void adam_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-               Precision precision, bool amsgrad, StepScalars scalars, double* stats, cudaStream_t stream) {
-  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, amsgrad, scalars, stats, stream};
-  dispatch_step<AdamKernel>(call);
-}
-
-void sgd_step(const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype, DType state_dtype,
-              Precision precision, bool momentum, StepScalars scalars, double* stats, cudaStream_t stream) {
-  const StepCall call{table, n_tensors, groups, param_dtype, state_dtype, precision, momentum, scalars, stats, stream};
-  dispatch_step<SgdKernel>(call);
+void step(int algorithm, const int64_t* table, int64_t n_tensors, const double* groups, DType param_dtype,
+          DType state_dtype, Precision precision, bool variant, StepScalars scalars, double* stats,
+          cudaStream_t stream) {
+  const StepCall call{algorithm, table,   n_tensors, groups, param_dtype, state_dtype, precision,
+                      variant,   scalars, stats,     stream};
+  dispatch_step<StepKernel>(call);
 }
 
 void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,
@@ -426,6 +405,7 @@ void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, 
     case DType::kFloat32: return sum_squares_typed<float>(ptrs, numels, n_tensors, out, workspace, stream);
     case DType::kBFloat16: return sum_squares_typed<bf16_t>(ptrs, numels, n_tensors, out, workspace, stream);
     case DType::kFloat16: return sum_squares_typed<fp16_t>(ptrs, numels, n_tensors, out, workspace, stream);
+    case DType::kFloat64: return sum_squares_typed<double>(ptrs, numels, n_tensors, out, workspace, stream);
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
 }
@@ -438,6 +418,7 @@ void average(const int64_t* avgs, const int64_t* srcs, const int64_t* numels, in
     case DType::kFloat32: return average_typed<float>(avgs, srcs, numels, n_tensors, weight, stream);
     case DType::kBFloat16: return average_typed<bf16_t>(avgs, srcs, numels, n_tensors, weight, stream);
     case DType::kFloat16: return average_typed<fp16_t>(avgs, srcs, numels, n_tensors, weight, stream);
+    case DType::kFloat64: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for average");
 }

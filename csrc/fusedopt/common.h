@@ -14,7 +14,7 @@ namespace fusedopt {
 
 // Element types a kernel can be instantiated for; the numbers are the wire format
 // used by the Python layer (python/fusedopt/_dtypes.py).
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // How a low-precision param is written back after the fp32 update.
 enum class Precision : int {

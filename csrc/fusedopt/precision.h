@@ -14,6 +14,7 @@ template <DType D> struct StorageOf;
 template <> struct StorageOf<DType::kFloat32> { using type = float; };
 template <> struct StorageOf<DType::kBFloat16> { using type = bf16_t; };
 template <> struct StorageOf<DType::kFloat16> { using type = fp16_t; };
+template <> struct StorageOf<DType::kFloat64> { using type = double; };
 
 // ---- bf16 --------------------------------------------------------------------------------
 FUSEDOPT_HD float load_float(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
@@ -113,13 +114,18 @@ enum RngStream : uint32_t { kStreamA = 0, kStreamB = 1 };
 
 // ---- load / store ------------------------------------------------------------------------
 FUSEDOPT_HD float load_float(float x) { return x; }
+// float64 params keep float64 state and are updated in double, as torch does: "load_float"
+// reads any storage type into its compute type (element.h: ComputeOf).
+FUSEDOPT_HD double load_float(double x) { return x; }
 
 FUSEDOPT_HD void store_nearest(float* dst, float v) { *dst = v; }
+FUSEDOPT_HD void store_nearest(double* dst, double v) { *dst = v; }
 FUSEDOPT_HD void store_nearest(bf16_t* dst, float v) { *dst = bf16_round_nearest(v); }
 FUSEDOPT_HD void store_nearest(fp16_t* dst, float v) { *dst = fp16_round_nearest(v); }
 
 // Stochastic store: only bf16 has a stochastic path; fp32 is exact and fp16 is not offered.
 FUSEDOPT_HD void store_stochastic(float* dst, float v, uint32_t) { *dst = v; }
+FUSEDOPT_HD void store_stochastic(double* dst, double v, uint32_t) { *dst = v; }
 FUSEDOPT_HD void store_stochastic(bf16_t* dst, float v, uint32_t r) { *dst = bf16_round_stochastic(v, r); }
 FUSEDOPT_HD void store_stochastic(fp16_t* dst, float v, uint32_t) { *dst = fp16_round_nearest(v); }
 

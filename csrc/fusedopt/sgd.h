@@ -1,59 +1,59 @@
-// SGD with momentum, dampening, Nesterov and the three weight-decay modes: the scalar
-// update of one element and its load/store glue, shared by both backends.
+// SGD with momentum, dampening, Nesterov and the three weight-decay modes, in torch.optim's
+// operation order (run by step_element, element.h).
+//
+// Group row: lr, beta1 = momentum, beta2 = dampening, weight_decay, wd_mode, maximize,
+// nesterov. State: momentum_buffer when the variant (momentum != 0) is on. The first-step
+// flag marks the step that creates the buffer: torch then sets it to the grad itself.
 #pragma once
-#include "adam.h"  // load_param / store_param / store_state / RoundingKeys
+#include "element.h"
 
 namespace fusedopt {
 
-struct SgdScalars {
-  float grad_factor;   // (maximize ? -1 : 1) * clip_coef / grad_scale
-  float coupled_wd;
-  float decay_factor;
-  float lr;
-  float momentum;
-  float one_minus_dampening;
-  bool nesterov;
-};
+struct Sgd {
+  template <bool MOMENTUM>
+  static constexpr int kStates = MOMENTUM ? 1 : 0;
+  template <bool MOMENTUM, bool FIRST>
+  static constexpr bool reads_state(int) { return !FIRST; }
+  static constexpr bool kUsesFirst = true;
 
-FUSEDOPT_HD SgdScalars sgd_scalars(const double* group, double lr, float unscale) {
-  SgdScalars s;
-  s.grad_factor = (group[kGroupMaximize] != 0.0 ? -1.0f : 1.0f) * unscale;
-  const DecayTerms decay = decay_terms(group, lr);
-  s.coupled_wd = decay.coupled_wd;
-  s.decay_factor = decay.decay_factor;
-  s.lr = float(lr);
-  s.momentum = float(group[kGroupBeta1]);
-  s.one_minus_dampening = float(1.0 - group[kGroupBeta2]);
-  s.nesterov = group[kGroupNesterov] != 0.0;
-  return s;
-}
+  template <typename C>
+  struct Scalars {
+    C grad_factor;  // (maximize ? -1 : 1) * clip_coef / grad_scale
+    C coupled_wd;
+    C decay_factor;
+    C lr;
+    C momentum;
+    C one_minus_dampening;
+    bool nesterov;
+  };
 
-// One element of SGD in fp32 registers, in torch.optim's operation order. `first` is true
-// on the step that creates the momentum buffer: torch then sets it to the grad itself.
-template <bool MOMENTUM>
-FUSEDOPT_HD void sgd_update(float& p, float g, float& buf, bool first, const SgdScalars& s) {
-  g = g * s.grad_factor + coupled_decay(p, s.coupled_wd);
-  p = p * s.decay_factor;
-  if (MOMENTUM) {
-    buf = first ? g : s.momentum * buf + s.one_minus_dampening * g;
-    g = s.nesterov ? g + s.momentum * buf : buf;
+  // SGD's step number only keys the random bits of stochastic rounding.
+  template <typename C>
+  static FUSEDOPT_HD Scalars<C> scalars(const double* group, double lr, double, float unscale) {
+    Scalars<C> s;
+    s.grad_factor = grad_factor<C>(group, unscale);
+    const DecayTerms<C> decay = decay_terms<C>(group, lr);
+    s.coupled_wd = decay.coupled_wd;
+    s.decay_factor = decay.decay_factor;
+    s.lr = C(lr);
+    s.momentum = C(group[kGroupBeta1]);
+    s.one_minus_dampening = C(1.0 - group[kGroupBeta2]);
+    s.nesterov = group[kGroupNesterov] != 0.0;
+    return s;
   }
-  p = p - s.lr * g;
-}
 
-template <typename P, typename S, Precision PREC, bool MOMENTUM, typename Stats = NoStats>
-FUSEDOPT_HD void sgd_element(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ momentum_buffer,
-                             void* __restrict__ extra, int64_t i, bool first, const SgdScalars& s,
-                             const RoundingKeys& keys, Stats stats = Stats{}) {
-  float p = load_param<PREC>(param, static_cast<const float*>(extra), i);
-  float old = p;
-  float buf = MOMENTUM && !first ? load_float(momentum_buffer[i]) : 0.0f;
-  float g = load_float(grad[i]);
-  sgd_update<MOMENTUM>(p, g, buf, first, s);
-  stats.add(g, old, p);
-  const ElementRandom r = element_random<PREC>(keys, i, false);
-  if (MOMENTUM) store_state<PREC>(momentum_buffer + i, buf, r.a >> 16);
-  store_param<PREC>(param, extra, i, old, p, r.a);
-}
+  // s = {momentum_buffer}.
+  template <bool MOMENTUM, bool FIRST, typename C>
+  static FUSEDOPT_HD void update(C& p, C g, C (&s)[3], const Scalars<C>& k) {
+    g = g * k.grad_factor + coupled_decay(p, k.coupled_wd);
+    p = p * k.decay_factor;
+    if constexpr (MOMENTUM) {
+      C& buf = s[0];
+      buf = FIRST ? g : k.momentum * buf + k.one_minus_dampening * g;
+      g = k.nesterov ? g + k.momentum * buf : buf;
+    }
+    p = p - k.lr * g;
+  }
+};
 
 }  // namespace fusedopt

@@ -1,27 +1,29 @@
-// Turns a call's runtime (param dtype, state dtype, precision, variant) into a template
-// instantiation of a step kernel, for both backends. Only the combinations the Python layer
-// can ask for are built; anything else raises.
+// Turns a call's runtime (algorithm, param dtype, state dtype, precision, variant) into a
+// template instantiation of a backend's step kernel. Only the combinations the Python layer can
+// ask for are built; anything else raises.
 #pragma once
 #include <stdexcept>
-#include "precision.h"
+#include "algorithms.h"
 
 namespace fusedopt {
 
-// Kernel<P, S, PREC, VARIANT>::run(call) for the call's combination. `Call` has
-// param_dtype, state_dtype, precision and variant (Adam: amsgrad; SGD: momentum).
-template <template <typename, typename, Precision, bool> class Kernel, typename Call>
-void dispatch_step(const Call& call) {
+// Kernel<A, P, S, PREC, VARIANT>::run(call) for the call's types, algorithm A fixed. `Call` has
+// param_dtype, state_dtype, precision and variant.
+template <template <class, typename, typename, Precision, bool> class Kernel, class A, typename Call>
+void dispatch_types(const Call& call) {
   using F = float;
   using B = bf16_t;
   using H = fp16_t;
+  using D = double;
 #define FUSEDOPT_VARIANTS(P, S, PREC) \
-  return call.variant ? Kernel<P, S, PREC, true>::run(call) : Kernel<P, S, PREC, false>::run(call)
+  return call.variant ? Kernel<A, P, S, PREC, true>::run(call) : Kernel<A, P, S, PREC, false>::run(call)
   const DType pd = call.param_dtype, sd = call.state_dtype;
   const Precision pr = call.precision;
   if (pd == DType::kFloat32 && pr == Precision::kPlain) {
     if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
     if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
   }
+  if (pd == DType::kFloat64 && sd == DType::kFloat64 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(D, D, Precision::kPlain);
   if (pd == DType::kBFloat16) {
     if (sd == DType::kFloat32) {
       if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, F, Precision::kPlain);
@@ -45,6 +47,18 @@ void dispatch_step(const Call& call) {
   }
 #undef FUSEDOPT_VARIANTS
   throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");
+}
+
+// The same for the call's algorithm (call.algorithm, an id of algorithms.h).
+template <template <class, typename, typename, Precision, bool> class Kernel, typename Call>
+void dispatch_step(const Call& call) {
+  switch (call.algorithm) {
+#define FUSEDOPT_CASE(id, A) \
+  case id: return dispatch_types<Kernel, A>(call);
+    FUSEDOPT_ALGORITHMS(FUSEDOPT_CASE)
+#undef FUSEDOPT_CASE
+  }
+  throw std::invalid_argument("fusedopt: unknown algorithm id");
 }
 
 }  // namespace fusedopt

@@ -29,7 +29,7 @@ enum TableColumn : int {
 
 enum TableFlags : int64_t { kFlagFirstStep = 1 };
 
-// Columns of the per-group table (float64).
+// Columns of the per-group table (float64). Each algorithm's header says which it reads.
 enum GroupField : int {
   kGroupLr = 0,
   kGroupBeta1 = 1,        // Adam beta1 | SGD momentum
@@ -39,7 +39,10 @@ enum GroupField : int {
   kGroupWdMode = 5,       // WeightDecayMode
   kGroupMaximize = 6,     // 0 or 1
   kGroupNesterov = 7,     // SGD only
-  kNumGroupFields = 8,
+  kGroupAux0 = 8,         // algorithm-specific values the Python class computes per step
+  kGroupAux1 = 9,         // (schedule_free.h: ckp1, the y coefficient, bias correction 2)
+  kGroupAux2 = 10,
+  kNumGroupFields = 11,
 };
 
 // Per-call device scalars: all optional (nullptr), all float32 on the tensors' device.

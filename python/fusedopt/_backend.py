@@ -13,7 +13,7 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it
 from . import _C
 
 # Wire codes of csrc/fusedopt/common.h.
-FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
+FLOAT32, BFLOAT16, FLOAT16, FLOAT64 = 0, 1, 2, 3
 PLAIN, MASTER, STOCHASTIC, KAHAN = 0, 1, 2, 3
 COUPLED, DECOUPLED, INDEPENDENT = 0, 1, 2
 WEIGHT_DECAY_MODES = {"coupled": COUPLED, "decoupled": DECOUPLED, "independent": INDEPENDENT}
@@ -23,14 +23,28 @@ WEIGHT_DECAY_MODES = {"coupled": COUPLED, "decoupled": DECOUPLED, "independent":
  COL_PARAM_INDEX, COL_FLAGS, COL_LR, COL_SEED, COL_RNG_OFFSET) = range(14)
 TABLE_COLUMNS = 14
 FLAG_FIRST_STEP = 1
-(G_LR, G_BETA1, G_BETA2, G_EPS, G_WEIGHT_DECAY, G_WD_MODE, G_MAXIMIZE, G_NESTEROV) = range(8)
-GROUP_FIELDS = 8
+(G_LR, G_BETA1, G_BETA2, G_EPS, G_WEIGHT_DECAY, G_WD_MODE, G_MAXIMIZE, G_NESTEROV, G_AUX0, G_AUX1,
+ G_AUX2) = range(11)
+GROUP_FIELDS = 11
+# Ids of csrc/fusedopt/algorithms.h: the `algorithm` argument of the kernels' `step`.
+ADAM, SGD, LION, SCHEDULE_FREE_ADAMW, SCHEDULE_FREE_SGD = range(5)
 _TB = torch._C.TensorBase
 _C.set_tensor_accessors(_TB.data_ptr, _TB.is_contiguous, _TB.numel, _TB.__dict__["grad"], _TB.__dict__["dtype"])
-assert _C.table_columns == TABLE_COLUMNS and _C.group_fields == GROUP_FIELDS, "stale fusedopt._C build"
+assert (_C.table_columns, _C.group_fields, _C.num_algorithms) == (TABLE_COLUMNS, GROUP_FIELDS, 5), \
+    "stale fusedopt._C build"
 
-TORCH_DTYPE_CODES = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}
-NUMPY_DTYPE_CODES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float16): FLOAT16}
+TORCH_DTYPE_CODES = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16,
+                     torch.float64: FLOAT64}
+NUMPY_DTYPE_CODES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float16): FLOAT16, np.dtype(np.float64): FLOAT64}
+
+
+def group_row(lr, *, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, wd_mode=COUPLED, maximize=False,
+              nesterov=False, aux=()) -> list[float]:
+    """One row of the group table (csrc/fusedopt/tensor_table.h); each algorithm's header
+    says which fields it reads."""
+    row = [lr, beta1, beta2, eps, float(weight_decay), wd_mode, float(maximize), float(nesterov), 0.0, 0.0, 0.0]
+    row[G_AUX0:G_AUX0 + len(aux)] = aux
+    return row
 
 _cuda_module = None
 _cuda_error: str | None = None

@@ -11,7 +11,7 @@ cannot trace. Under ``torch.compile`` (``torch.compiler.is_compiling()``), ``ste
    traced code the params, grads and state tensors as graph inputs: state creation costs
    no graph break and no extra recompile;
 2. buckets the tensors by (device, dtype, state dtype, precision path, variant) and calls
-   one op per bucket, ``fusedopt::adam_step_`` or ``fusedopt::sgd_step_``, with tensor lists
+   one op per bucket, ``fusedopt::step_`` (the algorithm an int argument), with tensor lists
    and scalars (``mutates_args`` declared, so AOTAutograd functionalizes them and Inductor
    re-inplaces them). The op builds the same int64 pointer table as the eager path and calls
    the same ``_C`` / ``_C_cuda`` kernel, so compiled and eager steps give the same bits;
@@ -54,7 +54,7 @@ from . import _backend as B
 from . import _distributed as D
 from ._norms import clip_norm_and_factor, on_device, stats_from_sums
 
-__all__ = ["adam_step_", "sgd_step_", "sum_squares", "compiled_step", "init_group"]
+__all__ = ["step_", "sum_squares", "compiled_step", "init_group"]
 
 
 # ---- the custom ops ------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def _column(table: np.ndarray, col: int, tensors: list[Tensor], like: list[Tenso
     table[:, col] = ptrs
 
 
-def _run_step(kernel: str, params, grads, state0, state1, state2, extras, steps, lrs, groups, group_seeds,
+def _run_step(algorithm: int, params, grads, state0, state1, state2, extras, steps, lrs, groups, group_seeds,
               group_index, param_index, state_dtype, precision, variant, grad_scale, found_inf, clip_coef,
               stats) -> None:
     n = len(params)
@@ -130,54 +130,36 @@ def _run_step(kernel: str, params, grads, state0, state1, state2, extras, steps,
             raise RuntimeError("fusedopt: stats must be a contiguous float64 tensor on the params' device")
         kwargs["stats"] = stats.data_ptr()
     kwargs.update(B.launch_kwargs(device))
-    getattr(B.module_for(device), kernel)(table, group_table, B.TORCH_DTYPE_CODES[pdtype], state_dtype, precision,
-                                          variant, **kwargs)
+    B.module_for(device).step(algorithm, table, group_table, B.TORCH_DTYPE_CODES[pdtype], state_dtype, precision,
+                              variant, **kwargs)
 
 
 _CODE_DTYPES = {code: dt for dt, code in B.TORCH_DTYPE_CODES.items()}
 
 
-@torch.library.custom_op("fusedopt::adam_step_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "extras", "steps",
-                                       "stats"))
-def adam_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               max_exp_avg_sqs: list[Tensor], extras: list[Tensor], steps: list[Tensor], lrs: list[Optional[Tensor]],
-               groups: list[float], group_seeds: list[int], group_index: list[int], param_index: list[int],
-               state_dtype: int, precision: int, amsgrad: bool, grad_scale: Optional[Tensor],
-               found_inf: Optional[Tensor], clip_coef: Optional[Tensor], stats: Optional[Tensor]) -> None:
-    """One fused Adam/AdamW step over tensors of one device and dtype.
+@torch.library.custom_op("fusedopt::step_", mutates_args=("params", "state0", "state1", "state2", "extras", "steps",
+                                                         "stats"))
+def step_(algorithm: int, params: list[Tensor], grads: list[Tensor], state0: list[Tensor], state1: list[Tensor],
+          state2: list[Tensor], extras: list[Tensor], steps: list[Tensor], lrs: list[Optional[Tensor]],
+          groups: list[float], group_seeds: list[int], group_index: list[int], param_index: list[int],
+          state_dtype: int, precision: int, variant: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+          clip_coef: Optional[Tensor], stats: Optional[Tensor]) -> None:
+    """One fused step of `algorithm` (an id of csrc/fusedopt/algorithms.h) over tensors of one
+    device and dtype.
 
-    ``groups`` is the flattened (n_groups x GROUP_FIELDS) hyper-parameter table of
-    ``_group_row``; ``lrs[g]`` a float32 lr tensor on the params' device for group ``g`` (read
-    by the kernel) or None (the table's lr); ``group_index``/``param_index`` give each
+    ``state0..2`` are the algorithm's state buffers in its order (empty lists for those it
+    does not keep); ``groups`` is the flattened (n_groups x GROUP_FIELDS) hyper-parameter table
+    of ``_group_row``; ``lrs[g]`` a float32 lr tensor on the params' device for group ``g``
+    (read by the kernel) or None (the table's lr); ``group_index``/``param_index`` give each
     tensor's group and its index over all groups (stochastic rounding key). Empty
-    ``max_exp_avg_sqs``/``extras``/``steps`` mean none."""
-    _run_step("adam_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, extras, steps, lrs, groups,
-              group_seeds, group_index, param_index, state_dtype, precision, amsgrad, grad_scale, found_inf,
-              clip_coef, stats)
+    ``extras``/``steps`` mean none. SGD's momentum buffers are updated as after the first step."""
+    _run_step(algorithm, params, grads, state0, state1, state2, extras, steps, lrs, groups, group_seeds, group_index,
+              param_index, state_dtype, precision, variant, grad_scale, found_inf, clip_coef, stats)
 
 
-@adam_step_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, extras, steps, lrs, groups, group_seeds, group_index,
-      param_index, state_dtype, precision, amsgrad, grad_scale, found_inf, clip_coef, stats) -> None:
-    return None
-
-
-@torch.library.custom_op("fusedopt::sgd_step_", mutates_args=("params", "momentum_buffers", "extras", "steps", "stats"))
-def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], extras: list[Tensor],
-              steps: list[Tensor], lrs: list[Optional[Tensor]], groups: list[float], group_seeds: list[int],
-              group_index: list[int], param_index: list[int], state_dtype: int, precision: int, momentum: bool,
-              grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip_coef: Optional[Tensor],
-              stats: Optional[Tensor]) -> None:
-    """One fused SGD step (arguments as in ``adam_step_``). Momentum buffers are updated as
-    after the first step (``buf = momentum * buf + (1 - dampening) * g``)."""
-    _run_step("sgd_step", params, grads, momentum_buffers, [], [], extras, steps, lrs, groups, group_seeds,
-              group_index, param_index, state_dtype, precision, momentum, grad_scale, found_inf, clip_coef, stats)
-
-
-@sgd_step_.register_fake
-def _(params, grads, momentum_buffers, extras, steps, lrs, groups, group_seeds, group_index, param_index, state_dtype,
-      precision, momentum, grad_scale, found_inf, clip_coef, stats) -> None:
+@step_.register_fake
+def _(algorithm, params, grads, state0, state1, state2, extras, steps, lrs, groups, group_seeds, group_index,
+      param_index, state_dtype, precision, variant, grad_scale, found_inf, clip_coef, stats) -> None:
     return None
 
 
@@ -213,7 +195,7 @@ def _sgd_first_step_differs(opt, group, state) -> bool:
     """SGD's momentum buffer starts as the grad. The op path starts it at zero instead, which
     is the same update when dampening is 0 (momentum * 0 + 1 * g == g); otherwise the first
     step must go through the eager path."""
-    if opt._kernel != "sgd_step" or not opt._variant(group):
+    if opt._algorithm != B.SGD or not opt._variant(group):
         return False
     return float(group.get("dampening", 0)) != 0.0 and not isinstance(state.get("momentum_buffer"), Tensor)
 
@@ -350,12 +332,8 @@ def compiled_step(opt, closure=None):
             groups=groups, group_seeds=seeds, group_index=b["groups"], param_index=b["indices"],
             state_dtype=B.TORCH_DTYPE_CODES[sd], precision=precision, grad_scale=on_device(grad_scale, dev),
             found_inf=on_device(found_inf, dev), clip_coef=clip.get(str(dev)), stats=stats.get(str(dev)))
-        if opt._kernel == "adam_step":
-            torch.ops.fusedopt.adam_step_(b["params"], b["grads"], s0, s1, s2, ex, st, amsgrad=variant, **common)
-        elif opt._kernel == "sgd_step":
-            torch.ops.fusedopt.sgd_step_(b["params"], b["grads"], s0, ex, st, momentum=variant, **common)
-        else:
-            raise NotImplementedError(f"no compiled path for kernel {opt._kernel!r}")
+        torch.ops.fusedopt.step_(opt._algorithm, b["params"], b["grads"], s0, s1, s2, ex, st, variant=variant,
+                                 **common)
 
     if "norm" in clip or stats:
         _publish(opt, clip.get("norm"), _finish_stats(stats, grad_scale) if stats else None)

@@ -80,7 +80,7 @@ def precision_defaults(cls_name: str, master_weights=False, stochastic_rounding=
 class FusedOptimizer(torch.optim.Optimizer):
     """Shared machinery; see AdamW / Adam / SGD for the algorithms."""
 
-    _kernel = ""                      # name of the kernel in _C / _C_cuda
+    _algorithm = -1                   # id of csrc/fusedopt/algorithms.h (_backend: ADAM, SGD, ...)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
     _init_group = _compile.init_group  # run eagerly by Dynamo when it traces step()
 
@@ -217,6 +217,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         configured = group.get("state_dtype")
         if configured is not None:
             return configured
+        if p.dtype == torch.float64:
+            return torch.float64  # torch keeps float64 state for float64 params
         return torch.float32 if (p.dtype == torch.float32 or group.get("master_weights")) else p.dtype
 
     @staticmethod
@@ -235,7 +237,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if p.is_complex():
             raise ValueError(f"{label}: complex params are not supported")
         if p.dtype not in B.TORCH_DTYPE_CODES:
-            raise ValueError(f"{label}: params of dtype {p.dtype} are not supported (float32, bfloat16, float16)")
+            raise ValueError(f"{label}: params of dtype {p.dtype} are not supported (float32, float64, bfloat16, "
+                             "float16)")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{label}: device {p.device} is not supported (cpu, cuda)")
         if p.layout != torch.strided:
@@ -251,10 +254,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd = self._state_dtype(group, p, state)
         precision = self._precision(group)
         supported = {torch.float32: (torch.float32, torch.bfloat16), torch.bfloat16: (torch.float32, torch.bfloat16),
-                     torch.float16: (torch.float32, torch.float16)}[p.dtype]
+                     torch.float16: (torch.float32, torch.float16), torch.float64: (torch.float64,)}[p.dtype]
         if sd not in supported:
             raise ValueError(f"{label}: moments of dtype {sd} are not supported for {p.dtype} params")
-        if precision != B.PLAIN and p.dtype == torch.float32:
+        if precision != B.PLAIN and p.dtype in (torch.float32, torch.float64):
             raise ValueError(f"{label}: precision keywords need bfloat16/float16 params")
         for k in self._moment_keys(group):
             t = state.get(k)
@@ -482,8 +485,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if b.device in stats and b.counted:  # (replicas another rank counts add nothing)
                 kwargs["stats"] = stats[b.device].data_ptr()
             kwargs.update(B.launch_kwargs(b.device))
-            getattr(mod, self._kernel)(b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
-                                       B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
+            mod.step(self._algorithm, b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
+                     B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
             for p, stand_in in b.writebacks:
                 p.copy_(stand_in)
             # A skipped (found_inf) first step leaves the new buffers for the next real step;

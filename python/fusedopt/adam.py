@@ -27,7 +27,7 @@ class Adam(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (coupled L2 decay unless
     ``decoupled_weight_decay=True``), plus fusedopt's precision keywords (see API.md)."""
 
-    _kernel = "adam_step"
+    _algorithm = B.ADAM
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -65,8 +65,8 @@ class Adam(FusedOptimizer):
 
     def _group_row(self, group, lr):
         beta1, beta2 = (_as_float(b) for b in group["betas"])
-        return [lr, beta1, beta2, group["eps"], float(group["weight_decay"]),
-                B.WEIGHT_DECAY_MODES[self.weight_decay_mode(group)], float(group["maximize"]), 0.0]
+        return B.group_row(lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           wd_mode=B.WEIGHT_DECAY_MODES[self.weight_decay_mode(group)], maximize=group["maximize"])
 
 
 class AdamW(Adam):

@@ -14,13 +14,13 @@ def _describe(x) -> tuple:
     """(device, dtype code, address, shape, strides-in-elements) of a tensor or array."""
     if isinstance(x, torch.Tensor):
         if x.dtype not in B.TORCH_DTYPE_CODES:
-            raise ValueError(f"dtype {x.dtype} is not supported (float32, bfloat16, float16)")
+            raise ValueError(f"dtype {x.dtype} is not supported (float32, float64, bfloat16, float16)")
         if x.layout != torch.strided:
             raise ValueError("sparse tensors are not supported")
         return (x.device, B.TORCH_DTYPE_CODES[x.dtype], x.data_ptr(), tuple(x.shape), x.stride(), x.numel())
     if isinstance(x, np.ndarray):
         if x.dtype not in B.NUMPY_DTYPE_CODES:
-            raise ValueError(f"NumPy dtype {x.dtype} is not supported (float32, float16)")
+            raise ValueError(f"NumPy dtype {x.dtype} is not supported (float32, float64, float16)")
         if not x.flags.c_contiguous:
             raise ValueError("NumPy arrays must be C-contiguous")
         return (torch.device("cpu"), B.NUMPY_DTYPE_CODES[x.dtype], x.__array_interface__["data"][0], x.shape,
@@ -33,7 +33,7 @@ def _writable(x, what, i):
         raise ValueError(f"{what}[{i}] is read-only")
 
 
-def _run(kernel: str, lists: dict, group_row: list, variant: bool, flags: int, step: int | None):
+def _run(algorithm: int, lists: dict, group_row: list, variant: bool, flags: int, step: int | None):
     """Validates every list against `params`, then one kernel call per (device, dtype)."""
     names = list(lists)
     params = lists["params"]
@@ -73,7 +73,7 @@ def _run(kernel: str, lists: dict, group_row: list, variant: bool, flags: int, s
             steps = torch.full((len(r),), float(step - 1), dtype=torch.float32, device=device)
             table[:, B.COL_STEP] = steps.data_ptr() + 4 * np.arange(len(r), dtype=np.int64)
         mod = B.module_for(device)
-        getattr(mod, kernel)(table, groups, code, code, B.PLAIN, variant, **B.launch_kwargs(device))
+        mod.step(algorithm, table, groups, code, code, B.PLAIN, variant, **B.launch_kwargs(device))
         if steps is not None and device.type == "cuda":
             steps = None  # the kernel has been enqueued; the caching allocator keeps the block stream-ordered
 
@@ -95,9 +95,10 @@ def _check_adam(step, lr, beta1, beta2, eps, weight_decay):
 
 def _adam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, maximize, mode):
     _check_adam(step, lr, beta1, beta2, eps, weight_decay)
-    row = [lr, beta1, beta2, eps, weight_decay, mode, float(maximize), 0.0]
+    row = B.group_row(lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, wd_mode=mode,
+                      maximize=maximize)
     lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    _run("adam_step", lists, row, False, 0, step)
+    _run(B.ADAM, lists, row, False, 0, step)
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay, maximize=False):
@@ -122,10 +123,11 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    row = [lr, momentum, dampening, 0.0, weight_decay, B.COUPLED, float(maximize), float(nesterov)]
+    row = B.group_row(lr, beta1=momentum, beta2=dampening, weight_decay=weight_decay, wd_mode=B.COUPLED,
+                      maximize=maximize, nesterov=nesterov)
     lists = dict(params=params, grads=grads)
     if momentum != 0:
         if momentum_buffers is None:
             raise ValueError("momentum_buffers is required when momentum != 0")
         lists["momentum_buffers"] = momentum_buffers
-    _run("sgd_step", lists, row, momentum != 0, B.FLAG_FIRST_STEP if first_step else 0, None)
+    _run(B.SGD, lists, row, momentum != 0, B.FLAG_FIRST_STEP if first_step else 0, None)

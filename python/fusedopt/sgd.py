@@ -8,7 +8,7 @@ from ._optimizer import FusedOptimizer, check_lr, check_weight_decay, precision_
 class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD`, plus fusedopt's precision keywords."""
 
-    _kernel = "sgd_step"
+    _algorithm = B.SGD
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, capturable=False, **precision):
@@ -44,6 +44,6 @@ class SGD(FusedOptimizer):
         return "coupled"
 
     def _group_row(self, group, lr):
-        return [lr, float(group["momentum"]), float(group["dampening"]), 0.0, float(group["weight_decay"]),
-                B.WEIGHT_DECAY_MODES[self.weight_decay_mode(group)], float(group["maximize"]),
-                float(group["nesterov"])]
+        return B.group_row(lr, beta1=float(group["momentum"]), beta2=float(group["dampening"]),
+                           weight_decay=group["weight_decay"], wd_mode=B.WEIGHT_DECAY_MODES[self.weight_decay_mode(group)],
+                           maximize=group["maximize"], nesterov=group["nesterov"])

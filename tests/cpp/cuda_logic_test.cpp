@@ -184,6 +184,7 @@ template <typename T> const char* type_name();
 template <> const char* type_name<float>() { return "fp32"; }
 template <> const char* type_name<bf16_t>() { return "bf16"; }
 template <> const char* type_name<fp16_t>() { return "fp16"; }
+template <> const char* type_name<double>() { return "fp64"; }
 
 const char* precision_name(Precision p) {
   switch (p) {
@@ -195,9 +196,14 @@ const char* precision_name(Precision p) {
   return "?";
 }
 
-uint32_t bits_of(float x) { return float_bits(x); }
-uint32_t bits_of(bf16_t x) { return x.bits; }
-uint32_t bits_of(fp16_t x) { return x.bits; }
+uint64_t bits_of(float x) { return float_bits(x); }
+uint64_t bits_of(bf16_t x) { return x.bits; }
+uint64_t bits_of(fp16_t x) { return x.bits; }
+uint64_t bits_of(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
 
 // Mostly N(0, scale^2), with infinities, NaN, signed zeros and a subnormal now and then.
 float random_value(std::mt19937_64& rng, float scale) {
@@ -242,8 +248,8 @@ void check_same(const Buffer<T>& got, const Buffer<T>& expected, const char* wha
   for (int64_t i = 0; i < got.n; ++i) {
     if (bits_of(got.data[i]) != bits_of(expected.data[i])) {
       char line[160];
-      std::snprintf(line, sizeof line, ": %s[%lld] is 0x%08x, the element loop wrote 0x%08x", what, (long long)i,
-                    bits_of(got.data[i]), bits_of(expected.data[i]));
+      std::snprintf(line, sizeof line, ": %s[%lld] is 0x%08llx, the element loop wrote 0x%08llx", what, (long long)i,
+                    (unsigned long long)bits_of(got.data[i]), (unsigned long long)bits_of(expected.data[i]));
       fail(context + line);
       return;
     }
@@ -319,18 +325,22 @@ void run_like_kernel(const Op& op, int64_t n, const Split& split, bool tiled, co
   CHECK(singles == n - expected_tiles * Op::kWidth, context + " (single elements " + std::to_string(singles) + ")");
 }
 
-// The same arbitrary but fixed hyper-parameters for every case; the keys' offset is past
-// 2^32 so its upper half takes part in the random bits.
-double* test_group(bool sgd) {
+// The same arbitrary but fixed hyper-parameters for every case (each algorithm reads the
+// fields its header names); the keys' offset is past 2^32 so its upper half takes part in the
+// random bits.
+const double* test_group() {
   static double group[kNumGroupFields];
   group[kGroupLr] = 0.05;
   group[kGroupBeta1] = 0.9;
-  group[kGroupBeta2] = sgd ? 0.1 : 0.999;
+  group[kGroupBeta2] = 0.999;
   group[kGroupEps] = 1e-8;
   group[kGroupWeightDecay] = 0.01;
-  group[kGroupWdMode] = double(int(sgd ? WeightDecayMode::kCoupled : WeightDecayMode::kDecoupled));
+  group[kGroupWdMode] = double(int(WeightDecayMode::kDecoupled));
   group[kGroupMaximize] = 0.0;
-  group[kGroupNesterov] = sgd ? 1.0 : 0.0;
+  group[kGroupNesterov] = 1.0;
+  group[kGroupAux0] = 0.3;    // schedule-free ckp1
+  group[kGroupAux1] = -0.04;  // schedule-free y coefficient
+  group[kGroupAux2] = 0.2;    // schedule-free bias correction 2
   return group;
 }
 const RoundingKeys kKeys = rounding_keys(0x5EEDu, 3, 7, (int64_t(1) << 32) + 12345);
@@ -349,74 +359,44 @@ std::string case_name(const char* algorithm, const std::string& flags, int64_t n
          " threads=" + std::to_string(split.threads) + " misaligned=" + role_name(misaligned);
 }
 
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
-struct AdamCase {
-  static constexpr bool kTouches[kNumRoles] = {false, true, true, true, true, AMSGRAD, kHasExtra<PREC>};
+// Algorithm A's StepOp (the tiles) against a plain loop of step_element, bit for bit.
+template <class A, typename P, typename S, Precision PREC, bool V, bool FIRST>
+struct StepCase {
+  static constexpr int kStates = A::template kStates<V>;
+  static constexpr bool kTouches[kNumRoles] = {false, true, true, kStates > 0, kStates > 1, kStates > 2,
+                                               kHasExtra<PREC>};
+  const char* name;
 
-  static void run_one(int64_t n, const Split& split, Role misaligned, std::mt19937_64& rng) {
+  void run_one(int64_t n, const Split& split, Role misaligned, std::mt19937_64& rng) const {
     using Extra = ExtraOf<P, PREC>;
     auto off = [&](Role r) { return r == misaligned ? 1 : 0; };
     const Buffer<P> param(n, off(kParam), rng, 1.0f), grad(n, off(kGrad), rng, 1.0f);
-    const Buffer<S> m(n, off(kState0), rng, 0.1f), v(n, off(kState1), rng, 0.01f), vmax(n, off(kState2), rng, 0.01f);
+    const Buffer<S> s0(n, off(kState0), rng, 0.1f), s1(n, off(kState1), rng, 0.01f), s2(n, off(kState2), rng, 0.01f);
     const Buffer<Extra> extra(n, off(kExtra), rng, PREC == Precision::kKahan ? 1e-3f : 1.0f);
-    const AdamScalars s = adam_scalars(test_group(false), 0.05, 7.0, 0.5f);
-    const std::string context = case_name<P, S, PREC>("adam", AMSGRAD ? " amsgrad" : "", n, split, misaligned);
+    const auto s = A::template scalars<ComputeOf<P>>(test_group(), 0.05, 7.0, 0.5f);
+    const std::string flags = std::string(V ? " variant" : "") + (FIRST ? " first" : "");
+    const std::string context = case_name<P, S, PREC>(name, flags, n, split, misaligned);
 
     Buffer<P> p_ref(param), p_got(param), g_ref(grad), g_got(grad);
-    Buffer<S> m_ref(m), m_got(m), v_ref(v), v_got(v), vmax_ref(vmax), vmax_got(vmax);
+    Buffer<S> a_ref(s0), a_got(s0), b_ref(s1), b_got(s1), c_ref(s2), c_got(s2);
     Buffer<Extra> e_ref(extra), e_got(extra);
     std::vector<std::array<uint32_t, 3>> seen_ref, seen_got;
     for (int64_t i = 0; i < n; ++i)
-      adam_element<P, S, PREC, AMSGRAD>(p_ref.data, g_ref.data, m_ref.data, v_ref.data, vmax_ref.data, e_ref.data, i, s,
-                                        kKeys, RecordedStats{&seen_ref});
+      step_element<A, P, S, PREC, V, FIRST>(p_ref.data, g_ref.data, a_ref.data, b_ref.data, c_ref.data, e_ref.data, i,
+                                            s, kKeys, RecordedStats{&seen_ref});
 
     // The unused buffers are passed too (misaligned when the case says so): an op must ignore
     // what its element function does not touch.
     const bool tiled = !kTouches[misaligned];
-    const AdamOp<P, S, PREC, AMSGRAD, RecordedStats> op{
-        p_got.data, g_got.data, m_got.data, v_got.data, vmax_got.data, e_got.data, s, kKeys, RecordedStats{&seen_got}};
+    const StepOp<A, P, S, PREC, V, FIRST, RecordedStats> op{
+        p_got.data, g_got.data, {a_got.data, b_got.data, c_got.data}, e_got.data, s, kKeys, RecordedStats{&seen_got}};
     CHECK(op.aligned() == tiled, context);
     run_like_kernel(op, n, split, tiled, context);
     check_same(p_got, p_ref, "param", context);
     check_same(g_got, g_ref, "grad", context);
-    check_same(m_got, m_ref, "exp_avg", context);
-    check_same(v_got, v_ref, "exp_avg_sq", context);
-    check_same(vmax_got, vmax_ref, "max_exp_avg_sq", context);
-    check_same(e_got, e_ref, "extra", context);
-    check_same_stats(seen_got, seen_ref, context);
-  }
-};
-
-template <typename P, typename S, Precision PREC, bool MOMENTUM, bool FIRST>
-struct SgdCase {
-  static constexpr bool kTouches[kNumRoles] = {false, true, true, MOMENTUM, false, false, kHasExtra<PREC>};
-
-  static void run_one(int64_t n, const Split& split, Role misaligned, std::mt19937_64& rng) {
-    using Extra = ExtraOf<P, PREC>;
-    auto off = [&](Role r) { return r == misaligned ? 1 : 0; };
-    const Buffer<P> param(n, off(kParam), rng, 1.0f), grad(n, off(kGrad), rng, 1.0f);
-    const Buffer<S> buf(n, off(kState0), rng, 0.1f);
-    const Buffer<Extra> extra(n, off(kExtra), rng, PREC == Precision::kKahan ? 1e-3f : 1.0f);
-    const SgdScalars s = sgd_scalars(test_group(true), 0.05, 0.5f);
-    const std::string flags = std::string(MOMENTUM ? " momentum" : "") + (FIRST ? " first" : "");
-    const std::string context = case_name<P, S, PREC>("sgd", flags, n, split, misaligned);
-
-    Buffer<P> p_ref(param), p_got(param), g_ref(grad), g_got(grad);
-    Buffer<S> b_ref(buf), b_got(buf);
-    Buffer<Extra> e_ref(extra), e_got(extra);
-    std::vector<std::array<uint32_t, 3>> seen_ref, seen_got;
-    for (int64_t i = 0; i < n; ++i)
-      sgd_element<P, S, PREC, MOMENTUM>(p_ref.data, g_ref.data, b_ref.data, e_ref.data, i, FIRST, s, kKeys,
-                                        RecordedStats{&seen_ref});
-
-    const bool tiled = !kTouches[misaligned];
-    const SgdOp<P, S, PREC, MOMENTUM, FIRST, RecordedStats> op{p_got.data, g_got.data, b_got.data, e_got.data,
-                                                               s,          kKeys,      RecordedStats{&seen_got}};
-    CHECK(op.aligned() == tiled, context);
-    run_like_kernel(op, n, split, tiled, context);
-    check_same(p_got, p_ref, "param", context);
-    check_same(g_got, g_ref, "grad", context);
-    check_same(b_got, b_ref, "momentum_buffer", context);
+    check_same(a_got, a_ref, "state0", context);
+    check_same(b_got, b_ref, "state1", context);
+    check_same(c_got, c_ref, "state2", context);
     check_same(e_got, e_ref, "extra", context);
     check_same_stats(seen_got, seen_ref, context);
   }
@@ -426,16 +406,17 @@ struct SgdCase {
 // and a tail, each buffer offset by one element in turn. The ops run with stats recorded
 // (the kernels' other instantiation, NoStats, differs only in an empty add).
 template <typename Case>
-void run_case() {
+void run_case(const Case& c) {
   std::mt19937_64 rng(12345);
   for (const Split& split : kSplits)
-    for (int64_t n : kLengths) Case::run_one(n, split, kNone, rng);
-  for (int role = kParam; role < kNumRoles; ++role) Case::run_one(1003, kSplits[0], Role(role), rng);
+    for (int64_t n : kLengths) c.run_one(n, split, kNone, rng);
+  for (int role = kParam; role < kNumRoles; ++role) c.run_one(1003, kSplits[0], Role(role), rng);
 }
 
 // What dispatch_step hands a kernel, and the kernels the test instantiates through it: so
 // exactly the combinations the backends build are tested.
 struct Combo {
+  int algorithm;
   DType param_dtype;
   DType state_dtype;
   Precision precision;
@@ -443,33 +424,35 @@ struct Combo {
 };
 
 int combos_run = 0;
+const char* algorithm_name(int id) {
+  switch (id) {
+#define FUSEDOPT_NAME(id, A) \
+  case id: return #A;
+    FUSEDOPT_ALGORITHMS(FUSEDOPT_NAME)
+#undef FUSEDOPT_NAME
+  }
+  return "?";
+}
 
-template <typename P, typename S, Precision PREC, bool AMSGRAD>
-struct AdamCheck {
-  static void run(const Combo&) {
-    run_case<AdamCase<P, S, PREC, AMSGRAD>>();
+template <class A, typename P, typename S, Precision PREC, bool V>
+struct StepCheck {
+  static void run(const Combo& combo) {
+    const char* name = algorithm_name(combo.algorithm);
+    run_case(StepCase<A, P, S, PREC, V, false>{name});
+    if constexpr (A::kUsesFirst) run_case(StepCase<A, P, S, PREC, V, true>{name});
     ++combos_run;
   }
 };
 
-template <typename P, typename S, Precision PREC, bool MOMENTUM>
-struct SgdCheck {
-  static void run(const Combo&) {
-    run_case<SgdCase<P, S, PREC, MOMENTUM, true>>();
-    run_case<SgdCase<P, S, PREC, MOMENTUM, false>>();
-    ++combos_run;
-  }
-};
-
-template <template <typename, typename, Precision, bool> class Check>
-int run_dispatched() {
+// Combinations built for one algorithm.
+int run_dispatched(int algorithm) {
   combos_run = 0;
-  for (DType pd : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
-    for (DType sd : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+  for (DType pd : {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64})
+    for (DType sd : {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64})
       for (int pr = 0; pr < 4; ++pr)
         for (bool variant : {false, true}) {
           try {
-            dispatch_step<Check>(Combo{pd, sd, Precision(pr), variant});
+            dispatch_step<StepCheck>(Combo{algorithm, pd, sd, Precision(pr), variant});
           } catch (const std::invalid_argument&) {
             // not a combination the backends build
           }
@@ -564,11 +547,14 @@ int main() {
   test_launch_planning<PlanMeta<200>>(rng, "208-byte meta");
   test_random_bits(rng);
 
-  const int adam_combos = run_dispatched<AdamCheck>();
-  const int sgd_combos = run_dispatched<SgdCheck>();
-  // 13 (param, state, precision) combinations in step_dispatch.h, each with both variants.
-  CHECK(adam_combos == 26, "adam: combinations dispatched " + std::to_string(adam_combos));
-  CHECK(sgd_combos == 26, "sgd: combinations dispatched " + std::to_string(sgd_combos));
+  // 14 (param, state, precision) combinations in step_dispatch.h, each with both variants,
+  // for every algorithm.
+  int all_combos = 0;
+  for (int id = 0; id < kNumAlgorithms; ++id) {
+    const int combos = run_dispatched(id);
+    CHECK(combos == 28, std::string(algorithm_name(id)) + ": combinations dispatched " + std::to_string(combos));
+    all_combos += combos;
+  }
 
   test_average<float>();
   test_average<bf16_t>();
@@ -578,7 +564,7 @@ int main() {
   test_sum_squares<fp16_t>();
 
   if (failures > kMaxPrinted) std::printf("... and %d more failures\n", failures - kMaxPrinted);
-  std::printf("cuda_logic_test: %s (%d failures; %d Adam and %d SGD combinations)\n", failures ? "FAILED" : "passed",
-              failures, adam_combos, sgd_combos);
+  std::printf("cuda_logic_test: %s (%d failures; %d combinations of %d algorithms)\n", failures ? "FAILED" : "passed",
+              failures, all_combos, kNumAlgorithms);
   return failures ? 1 : 0;
 }
