@@ -294,8 +294,8 @@ def test_cpu_and_cuda_params_in_one_optimizer(case):
 
 
 def test_mixed_devices_with_global_clip():
-    """max_grad_norm over params on both devices: one global norm (the CUDA part is summed in
-    float64 on the device, then reduced in float32: compare with the conftest fp32 table)."""
+    """max_grad_norm over params on both devices: one global norm (each device sums its part
+    in float64, in another order than an all-CPU run: compare with the conftest fp32 table)."""
     params = make_params(SMALL_SHAPES)
     grads = make_grads(SMALL_SHAPES, steps=STEPS, scale=3.0)
     mixed = [to_dev([p])[0] if i % 2 else to_dev([p], "cpu")[0] for i, p in enumerate(params)]
