@@ -735,15 +735,16 @@ def test_max_grad_norm_with_a_grad_scale_of_2_70(name, ref_cls, kwargs):
 
 def test_sum_squares_op_is_float64_on_cuda():
     """fusedopt::sum_squares (the compiled path's reduction) on CUDA: float64, as on the CPU,
-    for grads whose squares overflow float32. The reference sums in float64 in another order:
-    rtol 1e-12 (a few float64 ulps per 1e5 additions)."""
+    for grads whose squares overflow float32. The reference sums the same float64 squares
+    (all positive) in another order: each sum is within n * 2**-53 ~ 4e-11 relative of the
+    exact one for these 370k terms, hence rtol 1e-10."""
     gen = torch.Generator().manual_seed(3)
     tensors = [(torch.randn(n, generator=gen) * 2.0 ** 70).to(DEV) for n in (1, 4095, 65537, 300000)]
     out = torch.ops.fusedopt.sum_squares(tensors)
     expected = sum(t.double().pow(2).sum() for t in tensors)
     assert out.dtype == torch.float64 and out.device.type == DEV.type and out.dim() == 0
     assert torch.isfinite(out)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
 
 
 def test_clipping_optimizers_on_two_streams_do_not_share_a_workspace():
