@@ -58,7 +58,14 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+# Inductor warns once per process, at the first CUDA compile on sm_80+, that TF32 is off for
+# fp32 matmuls; pyproject turns warnings into errors. The warning is filtered rather than
+# TF32 turned on: the compiled tests compare with eager fp32 within fp32 tolerances, which
+# TF32 matmuls (10-bit mantissa) would not meet.
+TF32_WARNING = "ignore:TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled"
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+              pytest.mark.filterwarnings(TF32_WARNING)]
 
 DEV = torch.device("cuda")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -287,8 +294,8 @@ def test_cpu_and_cuda_params_in_one_optimizer(case):
 
 
 def test_mixed_devices_with_global_clip():
-    """max_grad_norm over params on both devices: one global norm (the CUDA part is summed in
-    float64 on the device, then reduced in float32: compare with the conftest fp32 table)."""
+    """max_grad_norm over params on both devices: one global norm (each device sums its part
+    in float64, in another order than an all-CPU run: compare with the conftest fp32 table)."""
     params = make_params(SMALL_SHAPES)
     grads = make_grads(SMALL_SHAPES, steps=STEPS, scale=3.0)
     mixed = [to_dev([p])[0] if i % 2 else to_dev([p], "cpu")[0] for i, p in enumerate(params)]
@@ -312,6 +319,105 @@ def test_cuda_tensor_lr_reaches_cpu_params():
     got_p, got_opt = run_steps(lambda ps: fusedopt.AdamW(ps, lr=torch.tensor(0.01, device=DEV)), mixed, mixed_grads)
     ref_p, ref_opt = run_steps(lambda ps: fusedopt.AdamW(ps, lr=0.01), params, grads)
     assert_all_bits_equal(got_p, got_opt, ref_p, ref_opt, msg="CUDA lr, mixed devices")
+
+
+# --------------------------------------------------------------------------------------------
+# Params on a GPU that is not the current one: every launch (eager step, sum of squares,
+# functional, averaging, compiled op) must run on the params' device. torch's default stream
+# is handle 0 on every device, so without the device index the kernels would launch on the
+# current device with another device's pointers (an illegal access without peer access).
+# --------------------------------------------------------------------------------------------
+OTHER = torch.device("cuda", 1)
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA devices")
+
+
+@pytest.fixture
+def current_device_0():
+    """Device 0 current during the test (as in a script that never calls set_device), and
+    still current afterwards: the launches must restore it."""
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(0)
+    yield
+    torch.cuda.synchronize(OTHER)  # an illegal access on device 1 surfaces here at the latest
+    assert torch.cuda.current_device() == 0, "a launch left another device current"
+    torch.cuda.set_device(previous)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("case", [BIT_CASES[1], BIT_CASES[5], BIT_CASES[7]], ids=lambda c: c[0])
+def test_eager_step_on_a_gpu_that_is_not_current(case, current_device_0):
+    _, name, kwargs, dtype = case
+    params = make_params(MANY_SHAPES, dtype=dtype)
+    grads = make_grads(MANY_SHAPES, steps=STEPS, dtype=dtype)
+    cpu_p, cpu_opt = run_steps(factory(name, kwargs, "cpu"), params, grads)
+    dev_p, dev_opt = run_steps(factory(name, kwargs, OTHER), to_dev(params, OTHER), grads_to(grads, OTHER))
+    assert dev_p[0].device == OTHER and torch.cuda.current_device() == 0
+    assert_all_bits_equal(dev_p, dev_opt, cpu_p, cpu_opt, msg="cuda:1 vs CPU")
+
+
+@needs_two_gpus
+def test_clip_and_stats_on_a_gpu_that_is_not_current(current_device_0):
+    """max_grad_norm's sum of squares and track_stats on cuda:1. The CPU sums the squares in
+    float64 in another order: the conftest fp32 table for params, rtol 2e-5 for the norm."""
+    params = make_params(SMALL_SHAPES)
+    grads = make_grads(SMALL_SHAPES, steps=STEPS, scale=3.0)  # norm above 1: clipping is active
+    kwargs = dict(lr=0.01, weight_decay=0.1, max_grad_norm=1.0, track_stats=True)
+    cpu_p, cpu_opt = run_steps(factory("AdamW", kwargs, "cpu"), params, grads)
+    dev_p, dev_opt = run_steps(factory("AdamW", kwargs, OTHER), to_dev(params, OTHER), grads_to(grads, OTHER))
+    assert dev_opt.last_grad_norm.device == OTHER
+    torch.testing.assert_close(dev_opt.last_grad_norm.cpu(), cpu_opt.last_grad_norm, rtol=2e-5, atol=0)
+    torch.testing.assert_close(dev_opt.stats()[0]["grad_norm"].cpu(), cpu_opt.stats()[0]["grad_norm"], rtol=2e-5,
+                               atol=0)
+    for i, (a, b) in enumerate(zip(dev_p, cpu_p)):
+        assert_close(a.detach().cpu(), b.detach(), msg=f"param {i}")
+
+
+@needs_two_gpus
+def test_functional_and_ema_on_a_gpu_that_is_not_current(current_device_0):
+    from fusedopt import functional as F
+
+    shapes = SMALL_SHAPES + [(65537,)]
+    results = {}
+    for device in ("cpu", OTHER):
+        ps = [p.detach().to(device, copy=True) for p in make_params(shapes)]
+        gs = [g.to(device) for g in make_grads(shapes, steps=1)[0]]
+        m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        ema = fusedopt.averaging.EMA(ps, decay=0.9)
+        for step in (1, 2):
+            F.adamw_(ps, gs, m, v, step=step, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+            ema.update()
+        buf = [torch.empty_like(p) for p in ps]
+        F.sgd_(ps, gs, buf, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, first_step=True)
+        results[str(device)] = (ps, m, v, buf, ema.averages)
+    for what, got, ref in zip(("params", "exp_avg", "exp_avg_sq", "momentum", "EMA"), results[str(OTHER)],
+                              results["cpu"]):
+        for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+            assert a.device == OTHER
+            assert_bits_equal(a.cpu(), b, msg=f"{what} {i}: cuda:1 vs CPU")
+
+
+@needs_two_gpus
+def test_compiled_step_on_a_gpu_that_is_not_current(current_device_0, fresh_dynamo):
+    """The torch.compile ops (step and sum of squares) on cuda:1: the eager CPU step's result
+    (clip: the conftest fp32 table and rtol 2e-5 for the norm, as above)."""
+    params = make_params(SMALL_SHAPES)
+    grads = make_grads(SMALL_SHAPES, steps=3, scale=3.0)
+    kwargs = dict(lr=0.01, weight_decay=0.1, max_grad_norm=1.0)
+    cpu_p, cpu_opt = run_steps(factory("AdamW", kwargs, "cpu"), params, grads)
+    dev_p = to_dev(params, OTHER)
+    opt = fusedopt.AdamW(dev_p, **kwargs)
+
+    @torch.compile(backend="aot_eager")  # the custom ops without Inductor's codegen
+    def step():
+        opt.step()
+
+    for row in grads_to(grads, OTHER):
+        set_grads(dev_p, row)
+        step()
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    torch.testing.assert_close(opt.last_grad_norm.cpu(), cpu_opt.last_grad_norm, rtol=2e-5, atol=0)
+    for i, (a, b) in enumerate(zip(dev_p, cpu_p)):
+        assert_close(a.detach().cpu(), b.detach(), msg=f"param {i}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,6 +703,80 @@ def test_max_grad_norm_matches_clip_grad_norm(name, ref_cls, kwargs):
         assert opt.last_grad_norm.device == got_p[0].device and opt.last_grad_norm.dtype == F32
         torch.testing.assert_close(opt.last_grad_norm, total.float(), rtol=2e-5, atol=0)
     assert_optimizers_match(got_p, opt, ref_p, ref)
+
+
+@pytest.mark.parametrize("name,ref_cls,kwargs", [
+    ("AdamW", torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    ("SGD", torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+], ids=["adamw", "sgd-momentum"])
+def test_max_grad_norm_with_a_grad_scale_of_2_70(name, ref_cls, kwargs):
+    """A GradScaler whose scale has grown to 2**70 (fp32/bf16 grads never overflow, so it
+    keeps doubling): the scaled sum of squares (~2**140 * sum g^2) is past float32's range,
+    so the CUDA reduction must stay float64 up to the unscaling, or the norm is inf and the
+    clip factor 0. Scaling by a power of two is exact, so fusedopt sees torch's grads times
+    2**70: the same tolerances as test_max_grad_norm_matches_clip_grad_norm."""
+    scale = 2.0 ** 70
+    params = to_dev(make_params(SMALL_SHAPES))
+    grads = grads_to(make_grads(SMALL_SHAPES, steps=3, scale=3.0))
+    got_p, ref_p = to_dev(params), to_dev(params)
+    opt = getattr(fusedopt, name)(got_p, max_grad_norm=1.0, **kwargs)
+    opt.grad_scale = torch.tensor(scale, device=DEV)  # what GradScaler hands the step
+    ref = ref_cls(ref_p, foreach=False, **kwargs)
+    for k in range(3):
+        set_grads(got_p, [g * scale for g in grads[k]])
+        set_grads(ref_p, grads[k])
+        opt.step()
+        total = torch.nn.utils.clip_grad_norm_(ref_p, 1.0, foreach=False)
+        ref.step()
+        assert torch.isfinite(opt.last_grad_norm), f"step {k}: last_grad_norm {opt.last_grad_norm}"
+        torch.testing.assert_close(opt.last_grad_norm, total.float(), rtol=2e-5, atol=0)
+    assert_optimizers_match(got_p, opt, ref_p, ref)
+
+
+def test_sum_squares_op_is_float64_on_cuda():
+    """fusedopt::sum_squares (the compiled path's reduction) on CUDA: float64, as on the CPU,
+    for grads whose squares overflow float32. The reference sums the same float64 squares
+    (all positive) in another order: each sum is within n * 2**-53 ~ 4e-11 relative of the
+    exact one for these 370k terms, hence rtol 1e-10."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = [(torch.randn(n, generator=gen) * 2.0 ** 70).to(DEV) for n in (1, 4095, 65537, 300000)]
+    out = torch.ops.fusedopt.sum_squares(tensors)
+    expected = sum(t.double().pow(2).sum() for t in tensors)
+    assert out.dtype == torch.float64 and out.device.type == DEV.type and out.dim() == 0
+    assert torch.isfinite(out)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
+
+
+def test_clipping_optimizers_on_two_streams_do_not_share_a_workspace():
+    """Two optimizers with max_grad_norm stepping concurrently on two streams: each must see
+    only its own grads' norm. A workspace shared per device let one call's finishing kernel
+    add the other's partial sums. Both streams wait on one event behind a sleeping kernel,
+    so both steps are queued before either runs and their reductions overlap on the device.
+    torch's norms (float64 here, other order) are the reference: rtol 1e-6 covers the
+    float32 rounding of last_grad_norm."""
+    shapes = [(1 << 22,), (1 << 21,), (12345,)]
+    sets = []
+    for seed, scale in ((1, 1.0), (2, 100.0)):
+        params = to_dev(make_params(shapes, seed=seed))
+        grads = grads_to(make_grads(shapes, steps=1, seed=seed + 10, scale=scale))[0]
+        set_grads(params, grads)
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).float()
+        sets.append((fusedopt.SGD(params, lr=0.0, max_grad_norm=1.0), norm))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    gate = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    for _ in range(10):
+        with torch.cuda.stream(gate):
+            torch.cuda._sleep(20_000_000)  # ~10 ms: time to queue both steps behind it
+            opened = torch.cuda.Event()
+            opened.record(gate)
+        for (opt, _), stream in zip(sets, streams):
+            stream.wait_event(opened)
+            with torch.cuda.stream(stream):
+                opt.step()
+        for (opt, norm), stream in zip(sets, streams):
+            stream.synchronize()
+            torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("grad_scale", [None, 8.0], ids=["plain", "grad-scale"])

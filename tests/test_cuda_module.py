@@ -22,7 +22,7 @@ def _module(name):
 
 
 def _backend_kwargs(name):
-    return {"num_threads": 1} if name == "cpu" else {"stream": 0}
+    return {"num_threads": 1} if name == "cpu" else {"stream": 0, "device": 0}
 
 
 def _valid_tables(n_rows=2, n_groups=1):
@@ -39,17 +39,44 @@ def test_imports_and_reports_without_a_device():
     assert mod.table_columns == B._C.table_columns and mod.group_fields == B._C.group_fields
 
 
+def test_reports_the_runtime_and_driver_versions_read_at_import():
+    mod = B.cuda_module()
+    assert mod.runtime_version == mod.cuda_runtime_version() >= 11000, mod.runtime_version
+    assert mod.driver_version == mod.cuda_driver_version() >= 0  # 0: no driver on this machine
+    assert B.cuda_driver_problem() == B.driver_problem(mod.driver_version, mod.runtime_version)
+
+
 def _keywords(fn):
     """Parameter names from pybind11's signature line."""
     first = fn.__doc__.splitlines()[0]
     return re.findall(r"(\w+):", first[first.index("(") + 1:])
 
 
-@pytest.mark.parametrize("kernel", ["adam_step", "sgd_step"])
-def test_step_keywords_match_the_cpu_module(kernel):
-    cpu, cuda = _keywords(getattr(B._C, kernel)), _keywords(getattr(B.cuda_module(), kernel))
-    assert cpu[:-1] == cuda[:-1], (cpu, cuda)
-    assert (cpu[-1], cuda[-1]) == ("num_threads", "stream")
+def test_step_keywords_match_the_cpu_module():
+    cpu, cuda = _keywords(B._C.step), _keywords(B.cuda_module().step)
+    assert cpu[:-1] == cuda[:-2], (cpu, cuda)
+    assert (cpu[-1], cuda[-2:]) == ("num_threads", ["stream", "device"])
+
+
+def _empty_calls(mod):
+    """One well-formed call per kernel of the CUDA module, over no tensors at all."""
+    table, groups = _valid_tables(n_rows=0)
+    none = np.zeros(0, np.int64)
+    return {
+        "adam": lambda **kw: mod.step(B.ADAM, table, groups, 0, 0, 0, False, **kw),
+        "sgd": lambda **kw: mod.step(B.SGD, table, groups, 0, 0, 0, True, **kw),
+        "sum_squares": lambda **kw: mod.sum_squares(none, none, 0, 8, 8, **kw),
+        "average": lambda **kw: mod.average(none, none, none, 0, 0.5, **kw),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["adam", "sgd", "sum_squares", "average"])
+@pytest.mark.parametrize("kwargs", [{"stream": 0}, {"stream": 0, "device": -1}], ids=["no-device", "negative"])
+def test_every_launch_must_name_its_device(kernel, kwargs):
+    """Stream 0 is the default stream of whichever device is current, so a call without the
+    tensors' device could launch on the wrong GPU: it is refused before anything runs."""
+    with pytest.raises(ValueError, match=r"device must be the CUDA device index \(>= 0\) of the tensors"):
+        _empty_calls(B.cuda_module())[kernel](**kwargs)
 
 
 BAD_CALLS = [
@@ -62,12 +89,20 @@ BAD_CALLS = [
 
 
 @pytest.mark.parametrize("backend", MODULES)
+@pytest.mark.parametrize("algorithm", [-1, 5])
+def test_an_unknown_algorithm_is_refused(backend, algorithm):
+    table, groups = _valid_tables()
+    with pytest.raises(ValueError, match=f"unknown algorithm id {algorithm}"):
+        _module(backend).step(algorithm, table, groups, 0, 0, 0, False, **_backend_kwargs(backend))
+
+
+@pytest.mark.parametrize("backend", MODULES)
 @pytest.mark.parametrize("make_args,match", BAD_CALLS)
 def test_malformed_step_calls_are_refused(backend, make_args, match):
     table, groups = _valid_tables()
     args = make_args(table, groups)
     with pytest.raises(ValueError, match=match):
-        _module(backend).adam_step(*args, False, **_backend_kwargs(backend))
+        _module(backend).step(B.ADAM, *args, False, **_backend_kwargs(backend))
 
 
 @pytest.mark.parametrize("backend", MODULES)
@@ -75,7 +110,7 @@ def test_a_row_naming_a_missing_group_is_refused(backend):
     table, groups = _valid_tables(n_rows=3, n_groups=2)
     table[1, B.COL_GROUP] = 2
     with pytest.raises(ValueError, match="table row names a missing group"):
-        _module(backend).sgd_step(table, groups, 0, 0, 0, True, **_backend_kwargs(backend))
+        _module(backend).step(B.SGD, table, groups, 0, 0, 0, True, **_backend_kwargs(backend))
 
 
 @pytest.mark.parametrize("backend", MODULES)

@@ -334,17 +334,23 @@ struct SumSquaresFunctor {
   }
 };
 
-// Stage 2: one block adds the n slots in a fixed order and writes float(sum).
+// Stage 2: one block adds the n slots in a fixed order and writes the float64 sum. It stays
+// float64 (as the CPU's): the grads are still scaled by the GradScaler here, and
+// scale^2 * sum(g^2) passes float32's 3.4e38 long before the unscaled norm is large
+// (scale 2**70 and a grad norm of 1 already do).
 __global__ void __launch_bounds__(kFinishThreads)
-    sum_squares_finish(const double* __restrict__ partials, int n, float* __restrict__ out) {
+    sum_squares_finish(const double* __restrict__ partials, int n, double* __restrict__ out) {
   double v = 0.0;
   for (int i = int(threadIdx.x); i < n; i += kFinishThreads) v += partials[i];
   const double total = block_sum<kFinishThreads>(v);
-  if (threadIdx.x == 0) *out = float(total);
+  if (threadIdx.x == 0) *out = total;
 }
 
+// `workspace` belongs to this call alone until the stream has run it (the caller allocates
+// it per call from the caching allocator): two calls on different streams must never share
+// the slots.
 template <typename T>
-void sum_squares_typed(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, float* out, double* workspace,
+void sum_squares_typed(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, double* out, double* workspace,
                        cudaStream_t stream) {
   const SumSquaresFunctor<T> functor{workspace};
   const int launches = multi_tensor_apply<const void*>(
@@ -399,7 +405,7 @@ void step(int algorithm, const int64_t* table, int64_t n_tensors, const double* 
   dispatch_step<StepKernel>(call);
 }
 
-void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, float* out,
+void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, DType dtype, double* out,
                  double* workspace, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32: return sum_squares_typed<float>(ptrs, numels, n_tensors, out, workspace, stream);

@@ -48,16 +48,19 @@ def group_row(lr, *, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, wd_mode=CO
 
 _cuda_module = None
 _cuda_error: str | None = None
+_cuda_driver_error: str | None = None
 
 
 def cuda_module():
     """The CUDA kernels, or a RuntimeError saying why they are not available."""
-    global _cuda_module, _cuda_error
+    global _cuda_module, _cuda_error, _cuda_driver_error
     if _cuda_module is None and _cuda_error is None:
         try:
             _cuda_module = importlib.import_module("fusedopt._C_cuda")
         except ImportError as e:
             _cuda_error = str(e)
+        else:
+            _cuda_driver_error = driver_problem(_cuda_module.driver_version, _cuda_module.runtime_version)
     if _cuda_module is None:
         raise RuntimeError(
             "fusedopt was built without its CUDA module (no CUDA compiler at build time, or "
@@ -73,11 +76,52 @@ def cuda_built() -> bool:
         return False
 
 
+def cuda_version_text(version: int) -> str:
+    """12080 -> "12.8" (CUDA's 1000 * major + 10 * minor)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def driver_problem(driver_version: int, runtime_version: int) -> str | None:
+    """Why the installed driver cannot run the CUDA runtime linked into fusedopt's CUDA
+    module, or None when it can. Versions are CUDA's integers (1000 * major + 10 * minor);
+    a driver version of 0 means no driver. CUDA's minor-version compatibility lets a driver of
+    the runtime's major version run any of its minor versions, so only the major is compared;
+    an older driver imports the module fine and fails at the first launch ("driver version
+    is insufficient")."""
+    runtime = cuda_version_text(runtime_version)
+    if driver_version <= 0:
+        return (f"no NVIDIA driver was found; fusedopt's CUDA module (CUDA {runtime} runtime) needs a driver "
+                f"for CUDA {runtime_version // 1000}.x")
+    if driver_version // 1000 < runtime_version // 1000:
+        return (f"the NVIDIA driver supports CUDA up to {cuda_version_text(driver_version)}, but fusedopt's CUDA "
+                f"module was built with the CUDA {runtime} runtime and needs a driver for CUDA "
+                f"{runtime_version // 1000}.x: update the driver, or rebuild fusedopt with a CUDA toolkit of "
+                f"major version {driver_version // 1000} or older")
+    return None
+
+
+def cuda_driver_problem() -> str | None:
+    """driver_problem() of this machine, read when the CUDA module was loaded (None when it is
+    not built: cuda_module() says why)."""
+    if not cuda_built():
+        return None
+    return _cuda_driver_error
+
+
+def cuda_launch_module():
+    """The CUDA module for a launch: a RuntimeError naming both versions when the driver
+    cannot run it, instead of the driver's "insufficient" error at the first kernel."""
+    mod = cuda_module()
+    if _cuda_driver_error is not None:
+        raise RuntimeError(f"fusedopt cannot run on CUDA params: {_cuda_driver_error}")
+    return mod
+
+
 def module_for(device: torch.device):
     if device.type == "cpu":
         return _C
     if device.type == "cuda":
-        return cuda_module()
+        return cuda_launch_module()
     raise ValueError(f"unsupported device {device}")
 
 
@@ -86,11 +130,14 @@ def num_threads() -> int:
 
 
 def launch_kwargs(device: torch.device) -> dict:
-    """The backend's own trailing keyword of every kernel call: the CPU's thread count (torch's
-    intra-op setting), or the CUDA stream (torch's current stream on that device)."""
+    """The backend's own trailing keywords of every kernel call: the CPU's thread count
+    (torch's intra-op setting), or the CUDA stream (torch's current stream on that device)
+    with that device's index. The index is needed as well: torch's default stream is handle 0
+    on every device, so the module makes `device` current for the launch."""
     if device.type == "cpu":
         return {"num_threads": num_threads()}
-    return {"stream": torch.cuda.current_stream(device).cuda_stream}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"stream": torch.cuda.current_stream(index).cuda_stream, "device": index}
 
 
 def is_dense(shape, strides) -> bool:

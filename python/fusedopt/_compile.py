@@ -166,7 +166,7 @@ def _(algorithm, params, grads, state0, state1, state2, extras, steps, lrs, grou
 @torch.library.custom_op("fusedopt::sum_squares", mutates_args=())
 def sum_squares(tensors: list[Tensor]) -> Tensor:
     """Sum of squares of tensors of one device and dtype, by the eager path's deterministic
-    reduction: a float64 CPU tensor, or a float32 tensor on the CUDA device."""
+    reduction: a 0-dim float64 tensor on their device."""
     device, dtype = tensors[0].device, tensors[0].dtype
     for t in tensors:
         if t.device != device or t.dtype != dtype or not B.is_dense(t.shape, t.stride()):
@@ -176,18 +176,16 @@ def sum_squares(tensors: list[Tensor]) -> Tensor:
     code = B.TORCH_DTYPE_CODES[dtype]
     if device.type == "cpu":
         return torch.tensor(B._C.sum_squares(ptrs, numels, code, B.num_threads()), dtype=torch.float64)
-    mod = B.cuda_module()
-    workspace = torch.empty(mod.sum_squares_workspace_size(), dtype=torch.float64, device=device)
-    out = torch.empty((), dtype=torch.float32, device=device)
-    mod.sum_squares(ptrs, numels, code, out.data_ptr(), workspace.data_ptr(),
-                    torch.cuda.current_stream(device).cuda_stream)
+    mod = B.module_for(device)
+    workspace = torch.empty(mod.sum_squares_workspace_size(), dtype=torch.float64, device=device)  # per call
+    out = torch.empty((), dtype=torch.float64, device=device)
+    mod.sum_squares(ptrs, numels, code, out.data_ptr(), workspace.data_ptr(), **B.launch_kwargs(device))
     return out
 
 
 @sum_squares.register_fake
 def _(tensors):
-    device = tensors[0].device
-    return tensors[0].new_empty((), dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    return tensors[0].new_empty((), dtype=torch.float64)
 
 
 # ---- state initialisation (run eagerly by Dynamo at trace time) -------------------------------

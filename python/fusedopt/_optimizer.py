@@ -531,15 +531,15 @@ def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr()
 
 
-_workspaces: dict = {}
-
-
 def _cuda_sum_squares(bucket: Bucket, ptrs, numels, code) -> torch.Tensor:
-    mod = B.cuda_module()
+    """The bucket's grads' sum of squares as a 0-dim float64 tensor on its device (float64 like
+    the CPU's: the grads may still carry the GradScaler's scale, whose square times the sum
+    leaves float32's range). The kernel's workspace comes from the caching allocator per
+    call, so it is never shared by two calls in flight (another optimizer on another stream):
+    the allocator hands a freed block back only to work on the same stream."""
     dev = bucket.device
-    ws = _workspaces.get(dev)
-    if ws is None:
-        ws = _workspaces[dev] = torch.empty(mod.sum_squares_workspace_size(), dtype=torch.float64, device=dev)
-    out = torch.empty((), dtype=torch.float32, device=dev)
-    mod.sum_squares(ptrs, numels, code, out.data_ptr(), ws.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    mod = B.module_for(dev)
+    workspace = torch.empty(mod.sum_squares_workspace_size(), dtype=torch.float64, device=dev)
+    out = torch.empty((), dtype=torch.float64, device=dev)
+    mod.sum_squares(ptrs, numels, code, out.data_ptr(), workspace.data_ptr(), **B.launch_kwargs(dev))
     return out
