@@ -3,9 +3,11 @@ paths. ``from fusedopt import AdamW`` in place of ``torch.optim.AdamW``."""
 from ._version import __version__
 from .adam import Adam, AdamW
 from .sgd import SGD
+from .lion import Lion
+from .schedulefree import AdamWScheduleFree, SGDScheduleFree
 from . import functional
 from ._config import show_config
 from . import schedules, averaging
 from ._param_groups import param_groups
 
-__all__ = ["Adam", "AdamW", "SGD", "functional", "show_config", "__version__", "schedules", "averaging", "param_groups"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "AdamWScheduleFree", "SGDScheduleFree", "functional", "show_config", "__version__", "schedules", "averaging", "param_groups"]

@@ -265,7 +265,7 @@ def _eager_step(opt, closure):
 
 def compiled_step(opt, closure=None):
     """``FusedOptimizer.step`` while Dynamo traces it; see the module docstring."""
-    if closure is not None:
+    if closure is not None or opt._eager_only:
         return _eager_step(opt, closure)
     for group in opt.param_groups:
         if any(isinstance(b, Tensor) for b in group.get("betas", ())):

@@ -81,6 +81,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Shared machinery; see AdamW / Adam / SGD for the algorithms."""
 
     _algorithm = -1                   # id of csrc/fusedopt/algorithms.h (_backend: ADAM, SGD, ...)
+    _state_from_param: tuple = ()     # state keys that start as a copy of the param (else zeros)
+    _device_lr = True                 # a tensor lr on the params' GPU is read by the kernel itself
+    _eager_only = False               # torch.compile runs the eager step (host-side group bookkeeping)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
     _init_group = _compile.init_group  # run eagerly by Dynamo when it traces step()
 
@@ -131,8 +134,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _moment_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
 
+    _keeps_step = True  # torch keeps a `step` in each param's state (Adam); False: SGD, Lion, ...
+
     def _uses_step(self, group) -> bool:
-        return True
+        # Stochastic rounding keys its random bits by a step, so it adds one where the
+        # algorithm itself keeps none.
+        return self._keeps_step or bool(group.get("stochastic_rounding"))
 
     def _variant(self, group) -> bool:
         raise NotImplementedError
@@ -142,6 +149,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _default_weight_decay_mode(self, group) -> str:
         raise NotImplementedError
+
+    def _begin_step(self) -> None:
+        """Called once per step after every param was validated and before any kernel runs:
+        where an algorithm advances per-group bookkeeping (schedule-free's step count)."""
 
     # ---- groups ----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -287,7 +298,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for k in self._moment_keys(group):
             t = state.get(k)
             if not isinstance(t, torch.Tensor):
-                state[k] = torch.zeros_like(layout, dtype=sd, memory_format=torch.preserve_format)
+                if k in self._state_from_param:
+                    source = state["master_param"] if isinstance(state.get("master_param"), torch.Tensor) else layout
+                    state[k] = torch.empty_like(layout, dtype=sd).copy_(source)
+                else:
+                    state[k] = torch.zeros_like(layout, dtype=sd, memory_format=torch.preserve_format)
                 created = True
             elif t.stride() != layout.stride() or t.device != p.device:
                 state[k] = torch.empty_like(layout, dtype=sd).copy_(t)
@@ -391,7 +406,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 row[B.COL_RNG_OFFSET] = D.rng_offset(k, p, precision == B.STOCHASTIC)
                 b.dtensor = True
             lr = group["lr"]
-            if isinstance(lr, torch.Tensor) and lr.device == p.device and p.device.type == "cuda":
+            if isinstance(lr, torch.Tensor) and lr.device == p.device and p.device.type == "cuda" and self._device_lr:
                 b.lr_rows.append((len(b.params), gi))
             if staged:
                 b.writebacks.append((p, layout))
@@ -425,7 +440,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
-                lr = 0.0 if (lr.device.type == "cuda" and lr.device == device) else float(lr)
+                lr = 0.0 if (lr.device.type == "cuda" and lr.device == device and self._device_lr) else float(lr)
             rows.append(self._group_row(group, lr))
         return np.asarray(rows, dtype=np.float64).reshape(-1, B.GROUP_FIELDS)
 
@@ -464,6 +479,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
                 raise ValueError(f"group {gi}: Invalid learning rate: {lr}")
         plan = self._current_plan()
+        self._begin_step()
         if not plan.buckets:
             return loss
         grad_scale = getattr(self, "grad_scale", None)

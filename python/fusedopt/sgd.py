@@ -9,6 +9,7 @@ class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD`, plus fusedopt's precision keywords."""
 
     _algorithm = B.SGD
+    _keeps_step = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, capturable=False, **precision):
@@ -32,10 +33,6 @@ class SGD(FusedOptimizer):
 
     def _moment_keys(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
-    def _uses_step(self, group) -> bool:
-        # torch's SGD keeps no step; stochastic rounding keys its random bits by one.
-        return bool(group.get("stochastic_rounding"))
 
     def _variant(self, group) -> bool:
         return group["momentum"] != 0
