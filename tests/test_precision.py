@@ -1154,3 +1154,40 @@ def test_master_param_survives_load_state_dict():
     probe = torch.optim.AdamW(clone_params(first))
     probe.load_state_dict(copy.deepcopy(saved))
     assert next(iter(probe.state.values()))["master_param"].dtype == BF16
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 13.12: dense non-contiguous params (channels_last, transposed views) keep the cached plan.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,ref_cls,kw", [("AdamW", torch.optim.AdamW, dict(lr=0.01)),
+                                             ("SGD", torch.optim.SGD, dict(lr=0.1, momentum=0.9))])
+def test_channels_last_params_reuse_the_plan_and_match_torch(name, ref_cls, kw):
+    torch.manual_seed(0)
+    conv = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    lin = torch.randn(6, 5)
+    got = [nn.Parameter(conv.clone(memory_format=torch.channels_last)), nn.Parameter(lin.clone()),
+           nn.Parameter(torch.randn(7, 3).t().contiguous().t())]  # a transposed (dense) view
+    ref = [nn.Parameter(t.detach().clone(memory_format=torch.preserve_format)) for t in got]
+    assert not got[0].is_contiguous() and not got[2].is_contiguous()
+    opt, ref_opt = getattr(fusedopt, name)(got, **kw), ref_cls(ref, foreach=False, **kw)
+    plans = []
+    for k in range(4):
+        for a, b in zip(got, ref):
+            g = torch.randn(a.shape).to(memory_format=torch.preserve_format)
+            a.grad = torch.empty_like(a).copy_(g)  # the param's strides, as autograd gives them
+            b.grad = torch.empty_like(b).copy_(g)
+        opt.step()
+        ref_opt.step()
+        plans.append(opt._plan)
+    assert plans[1] is plans[2] is plans[3], "the plan was rebuilt for dense non-contiguous params"
+    for a, b in zip(got, ref):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-5)
+    # A grad with other strides than its param still works (copied for that step, plan rebuilt).
+    got[0].grad = torch.randn(got[0].shape)
+    ref[0].grad = got[0].grad.clone()
+    opt.step()
+    ref_opt.step()
+    torch.testing.assert_close(got[0], ref[0], rtol=1.3e-6, atol=1e-5)

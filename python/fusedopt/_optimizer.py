@@ -411,8 +411,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if staged:
                 b.writebacks.append((p, layout))
                 reusable = False
-            # The C refresh only proves contiguous rows valid; others rebuild every step.
-            reusable = reusable and lp.is_contiguous()
+            # Dense non-contiguous rows (channels_last) are refreshed in Python (Bucket.refresh);
+            # a grad copied into the param's layout for this step only makes the plan one-off.
+            reusable = reusable and (g is p.grad or lp is not p)
+            b.strided.append(not lp.is_contiguous() and not staged)
             b.params.append(p)
             b.rows.append(row)
             b.keepalive += [layout, g, *moments, extra, step]

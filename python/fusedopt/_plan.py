@@ -32,13 +32,22 @@ class Bucket:
     lr_rows: list = field(default_factory=list)   # (row, group index) of rows with a device lr
     writebacks: list = field(default_factory=list)  # (param, contiguous stand-in) to copy back
     first_step_rows: bool = False
+    # Rows whose param (and grad) is dense but not contiguous (channels_last, a transposed
+    # view): moved to the end of the table by freeze(); refreshed in Python, the rest in C.
+    strided: list = field(default_factory=list)  # while building: one bool per row
+    n_contiguous: int = 0
     # DTensor support (_distributed.py): False for rows whose elements another rank counts in
     # the global norms (replicated shards); True for everything else, plain tensors included.
     counted: bool = True
     dtensor: bool = False  # has DTensor rows: refreshed by D.refresh_grads, never the C loop
 
     def freeze(self):
-        self.table = np.array(self.rows, dtype=np.int64).reshape(-1, B.TABLE_COLUMNS)
+        order = sorted(range(len(self.rows)), key=lambda i: bool(self.strided[i]))  # stable: contiguous first
+        where = {old: new for new, old in enumerate(order)}
+        self.table = np.array([self.rows[i] for i in order], dtype=np.int64).reshape(-1, B.TABLE_COLUMNS)
+        self.params = [self.params[i] for i in order]
+        self.lr_rows = [(where[row], gi) for row, gi in self.lr_rows]
+        self.n_contiguous = len(self.rows) - sum(bool(x) for x in self.strided)
         self.rows = []
         self.first_step_rows = bool((self.table[:, B.COL_FLAGS] & B.FLAG_FIRST_STEP).any())
 
@@ -46,7 +55,19 @@ class Bucket:
         """Fills the grad column for this step; False when the fast path does not apply."""
         if self.dtensor:
             return D.refresh_grads(self)
-        return B._C.refresh_grads(self.params, self.param_dtype, self.table) < 0
+        n = self.n_contiguous
+        if n == len(self.params):
+            return B._C.refresh_grads(self.params, self.param_dtype, self.table) < 0
+        if n and B._C.refresh_grads(self.params[:n], self.param_dtype, self.table[:n]) >= 0:
+            return False
+        for row, p in enumerate(self.params[n:], start=n):
+            # The C refresh's checks, with "grad has the param's strides" for "contiguous".
+            g = p.grad
+            if (g is None or p.data_ptr() != self.table[row, B.COL_PARAM] or g.dtype != self.param_dtype
+                    or g.shape != p.shape or g.stride() != p.stride()):
+                return False
+            self.table[row, B.COL_GRAD] = g.data_ptr()
+        return True
 
     def clear_first_step(self):
         if self.first_step_rows:
