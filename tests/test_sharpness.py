@@ -314,3 +314,24 @@ def test_bad_input_raises_value_error_naming_it(call, word):
     for p, w0 in zip(model.parameters(), w):
         assert_bits_equal(p.detach(), w0)
         assert p.grad is None
+
+
+# ---- the large-batch demo (a few steps; the measured run is docs/demo/large_batch.json) -------
+def test_large_batch_demo_runs_and_writes_its_curves(tmp_path):
+    pytest.importorskip("sklearn", reason="the large-batch demo's data set is scikit-learn's digits")
+    import json
+
+    from fusedopt.demo.__main__ import main as demo_main
+    argv = ["--experiment", "large-batch", "--steps", "4", "--eval-every", "2", "--train-size", "256",
+            "--large-batch", "128", "--hidden", "16", "--eig-iters", "3", "--no-plot", "--out", str(tmp_path)]
+    assert demo_main(argv) == 0
+    doc = json.loads((tmp_path / "large_batch.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["sgd-small", "sgd-large", "penalty-large", "sam-large"]
+    assert doc["config"]["penalty"] == pytest.approx(doc["config"]["lr"] / 4)
+    for r in doc["runs"]:
+        assert r["curves"]["step"] == [0, 2, 4]
+        assert all(0.0 <= a <= 1.0 for a in r["curves"]["test_acc"])
+        assert all(math.isfinite(v) for v in r["curves"]["lambda_max"])
+        assert r["curves"]["train_loss"][-1] < r["curves"]["train_loss"][0]  # every run trains
+    assert doc["runs"][0]["batch"] == 32 and doc["runs"][1]["batch"] == 128
+    assert doc["runs"][2]["curves"]["penalty"][-1] > 0
