@@ -5,9 +5,11 @@ from .adam import Adam, AdamW
 from .sgd import SGD
 from .lion import Lion
 from .schedulefree import AdamWScheduleFree, SGDScheduleFree
+from .sam import SAM
 from . import functional
 from ._config import show_config
-from . import schedules, averaging
+from . import schedules, averaging, sharpness
 from ._param_groups import param_groups
 
-__all__ = ["Adam", "AdamW", "SGD", "Lion", "AdamWScheduleFree", "SGDScheduleFree", "functional", "show_config", "__version__", "schedules", "averaging", "param_groups"]
+__all__ = ["Adam", "AdamW", "SGD", "Lion", "AdamWScheduleFree", "SGDScheduleFree", "SAM", "functional",
+           "show_config", "__version__", "schedules", "averaging", "sharpness", "param_groups"]
