@@ -72,6 +72,11 @@ class Case:
     grad_clip: float | None = None      # torch contenders clip with clip_grad_norm_(foreach=True)
     peers: bool = True                  # peer libraries take part
     fusedopt_baseline: bool = False     # also time fusedopt without fusedopt_kwargs ("fusedopt-plain")
+    # The torch.optim class (and its hyper-parameters) the torch contenders run, where torch has
+    # no such optimizer: the step that moves the same bytes (the ratio then compares speed at
+    # equal memory traffic). Empty: the case's own optimizer and hyper.
+    torch_optimizer: str = ""
+    torch_hyper: dict | None = None
 
     def shapes(self, device: str, scale: float = 1.0) -> list[tuple[int, ...]]:
         base = self.cuda_shapes if device == "cuda" else self.cpu_shapes
@@ -148,6 +153,18 @@ CASES: dict[str, Case] = {c.name: c for c in [
          hyper=_ADAMW, fusedopt_kwargs=dict(track_stats=True), precision=True, fusedopt_baseline=True,
          torch_variants=("torch-fused",), bytes_per_param=adam_bytes(4, 4, 4),
          bytes_model="p 4r+4w, g 4r, m 4r+4w, v 4r+4w = 28 (the norms read nothing extra)", **_GPT),
+    Case("lion_fp32",
+         "Lion fp32 (one moment) vs lion-pytorch and optimi (foreach); torch has no Lion: its fused "
+         "SGD with momentum moves the same 20 bytes/param", "Lion", _F32,
+         hyper=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1), torch_variants=("torch-fused",),
+         torch_optimizer="SGD", torch_hyper=_SGD, bytes_per_param=sgd_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, m 4r+4w = 20 (torch-fused: SGD momentum, same 20)", **_GPT),
+    Case("schedulefree_adamw_fp32",
+         "AdamWScheduleFree fp32 (train mode) vs schedulefree (foreach); torch has none: its fused "
+         "AdamW moves the same 28 bytes/param", "AdamWScheduleFree", _F32,
+         hyper=dict(lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), torch_variants=("torch-fused",),
+         torch_optimizer="AdamW", torch_hyper=_ADAMW, bytes_per_param=adam_bytes(4, 4, 4),
+         bytes_model="y 4r+4w, g 4r, z 4r+4w, v 4r+4w = 28 (torch-fused: AdamW, same 28)", **_GPT),
     Case("ema_update",
          "EMA of fp32 weights (decay 0.999): fusedopt.averaging.EMA.update vs torch._foreach_lerp_ "
          "(what AveragedModel's EMA does) and a per-tensor lerp_ loop", "EMA", _F32,

@@ -94,7 +94,7 @@ def task_bytes(case: Case, dtype: torch.dtype, state_size: float | None = None) 
     states) have ``dtype``."""
     s = dtype.itemsize
     st = s if state_size is None else state_size
-    if case.optimizer == "SGD":
+    if (case.torch_optimizer or case.optimizer) == "SGD":  # (Lion moves SGD-with-momentum's bytes)
         return sgd_bytes(s, s, st)
     return adam_bytes(s, s, st, extra_read=s if case.grad_clip else 0)
 
@@ -157,6 +157,8 @@ def fusedopt_contender(mod, case: Case, plain: bool = False) -> Contender:
                          lambda params: _EMAStep(params, decay, "fusedopt", mod))
     cls = getattr(mod, case.optimizer)
     kw = {**case.hyper, **({} if plain else case.fusedopt_kwargs)}
+    if hasattr(cls, "train"):  # schedule-free: steps only in train mode
+        cls = _in_train_mode(cls)
     if plain:
         return Contender("fusedopt-plain", "fusedopt", f"fusedopt.{case.optimizer}(" + ", ".join(
             f"{k}={_fmt_kw(v)}" for k, v in kw.items()) + ")", case.param_dtype, case.bytes_per_param,
@@ -174,11 +176,12 @@ def torch_contender(case: Case, name: str, dtype: torch.dtype | None = None, lab
         what = "torch._foreach_lerp_" if name == "torch-foreach" else "per-tensor lerp_"
         return Contender(name, "torch", f"{what}(avgs, params, {1 - decay:g}) on fp32 averages",
                          case.param_dtype, case.bytes_per_param, lambda params: _EMAStep(params, decay, name))
-    cls = getattr(torch.optim, case.optimizer)
+    torch_name = case.torch_optimizer or case.optimizer
+    cls = getattr(torch.optim, torch_name)
     flags = TORCH_FLAGS[name]
     dtype = dtype or case.param_dtype
-    kw = {**case.hyper, **flags}
-    detail = f"torch.optim.{case.optimizer}({', '.join(f'{k}={v!r}' for k, v in kw.items())}) on {dtype_name(dtype)}"
+    kw = {**(case.torch_hyper if case.torch_hyper is not None else case.hyper), **flags}
+    detail = f"torch.optim.{torch_name}({', '.join(f'{k}={v!r}' for k, v in kw.items())}) on {dtype_name(dtype)}"
     if case.grad_clip is not None:
         foreach = flags.get("foreach", True) is not False
         detail = f"clip_grad_norm_({case.grad_clip}, foreach={foreach}) + " + detail
@@ -250,10 +253,21 @@ def _heavyball(mod, case, params):
     return _attr(mod, "ForeachAdamW", "AdamW")(params, **_adamw_hyper(case))
 
 
+def _in_train_mode(cls):
+    """A factory of ``cls`` optimizers put in train mode (schedule-free ones step only there)."""
+    def make(params, **kw):
+        opt = cls(params, **kw)
+        opt.train()
+        return opt
+    return make
+
+
 def _schedulefree(mod, case, params):
-    opt = _attr(mod, "AdamWScheduleFree")(params, **_adamw_hyper(case))
-    opt.train()   # schedule-free optimizers must be in train mode to step
-    return opt
+    return _in_train_mode(_attr(mod, case.optimizer))(params, **case.hyper)
+
+
+def _lion_pytorch(mod, case, params):
+    return _attr(mod, "Lion")(params, **case.hyper)
 
 
 def _is_bf16_adamw(case: Case) -> bool:
@@ -267,7 +281,7 @@ def _p(case: Case) -> int:
 
 PEERS: list[PeerVariant] = [
     PeerVariant("optimi", "optimi", _optimi,
-                lambda c: not c.precision,
+                lambda c: not c.precision and c.optimizer in ("AdamW", "Adam", "SGD", "Lion"),
                 # bf16 params: optimi adds a bf16 Kahan compensation buffer (r/w) by default
                 lambda c: task_bytes(c, c.param_dtype) + (4 if c.param_dtype != torch.float32 else 0),
                 "optimi.<same optimizer>(defaults: foreach, Kahan summation on low-precision params)"),
@@ -284,8 +298,10 @@ PEERS: list[PeerVariant] = [
                 "torchao.optim._AdamW(bf16_stochastic_round=True), bf16 states"),
     PeerVariant("heavyball-adamw", "heavyball", _heavyball, _is_plain_adamw,
                 lambda c: task_bytes(c, c.param_dtype), "heavyball.ForeachAdamW"),
-    PeerVariant("schedulefree-adamw", "schedulefree", _schedulefree, _is_plain_adamw,
-                lambda c: task_bytes(c, c.param_dtype), "schedulefree.AdamWScheduleFree (train mode)"),
+    PeerVariant("schedulefree", "schedulefree", _schedulefree, lambda c: c.optimizer == "AdamWScheduleFree",
+                lambda c: task_bytes(c, c.param_dtype), "schedulefree.<same optimizer>(foreach=True), train mode"),
+    PeerVariant("lion-pytorch", "lion_pytorch", _lion_pytorch, lambda c: c.optimizer == "Lion",
+                lambda c: task_bytes(c, c.param_dtype), "lion_pytorch.Lion"),
 ]
 
 
