@@ -196,3 +196,4 @@ class WarmupCosine(_WarmupDecay):
         final_factor = _check_unit("final_factor", final_factor)
         super().__init__(optimizer, warmup_steps, total_steps, warmup_steps, "cosine", warmup_start_factor,
                          final_factor, last_epoch)
+from .adaptive_lr import LossAdaptiveLR  # noqa: E402,F401
