@@ -582,3 +582,32 @@ def test_far_too_large_lr_is_lowered():
     assert opt.param_groups[0]["lr"] <= 10.0 / 4 ** 4, ctl.history
     _, _, loss_const = least_squares_run(lr=10.0, adaptive=False)
     assert loss < 0.1 * loss_const, (loss, loss_const)
+
+
+# --------------------------------------------------------------------------------------------
+# The demo (python -m fusedopt.demo --experiment adaptive-lr), a few hundred steps
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_counts_trial_steps(tmp_path):
+    import json
+
+    from fusedopt.demo.__main__ import main
+
+    argv = ["--experiment", "adaptive-lr", "--steps", "400", "--seeds", "1", "--patience", "20",
+            "--trial-steps", "5", "--trial-eval-samples", "256", "--eval-every", "50", "--out", str(tmp_path),
+            "--no-plot"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "adaptive_lr.json").read_text())
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert set(runs) == {"adam", "adam+adaptive", "adam+wsd"}
+    for r in runs.values():
+        steps = r["curve"]["steps"]
+        assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == r["steps_taken"] >= 400
+        assert all(math.isfinite(v) for v in r["curve"]["test_loss"])
+    ada = runs["adam+adaptive"]
+    # Trials are counted on the x axis: 5 candidates x 5 steps per search, plus the main steps.
+    assert ada["trial_steps_taken"] == 25 * len(ada["searches"]) and len(ada["searches"]) >= 2
+    assert ada["steps_taken"] == 400  # no search is started that would overrun the budget
+    assert runs["adam"]["curve"]["lr"] == [1e-3] * len(runs["adam"]["curve"]["lr"])
+    assert max(runs["adam+wsd"]["curve"]["lr"]) <= 1e-3 and runs["adam+wsd"]["curve"]["lr"][-1] < 1e-4
