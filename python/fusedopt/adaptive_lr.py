@@ -79,7 +79,7 @@ def _is_float_lr(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def best_candidate(losses: list[float]) -> int | None:
+def _best_candidate(losses: list[float]) -> int | None:
     """Index of the first smallest loss; NaN never wins; None when every loss is NaN."""
     best = None
     for i, loss in enumerate(losses):
@@ -402,7 +402,7 @@ class LossAdaptiveLR:
             self._set_lrs(saved_lrs, 1.0)
             raise
         values = [float(v) for v in torch.stack([v.cpu() for v in losses]).tolist()]
-        best = best_candidate(values)
+        best = _best_candidate(values)
         chosen = 1.0 if best is None else scales[best]
         self._set_lrs(saved_lrs, chosen)
         self.num_trial_steps += steps_taken

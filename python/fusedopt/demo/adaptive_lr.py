@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "every step: Adam (lr 1e-3) vs Adam + LossAdaptiveLR vs Adam + WSD, with the "
                     "same budget of optimizer steps (trial steps count). Writes adaptive_lr.png "
                     "and adaptive_lr.json.")
-    p.add_argument("--steps", type=positive_int, default=8000,
-                   help="optimizer steps per run, trial steps included (default 8000)")
+    p.add_argument("--steps", type=positive_int, default=15000,
+                   help="optimizer steps per run, trial steps included (default 15000)")
     p.add_argument("--seeds", type=positive_int, default=3,
                    help="seeds per run, from --seed on (default 3)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
