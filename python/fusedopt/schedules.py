@@ -29,7 +29,7 @@ import operator
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["WSD", "WarmupCosine", "SHAPES"]
+__all__ = ["WSD", "WarmupCosine", "SHAPES", "LossAdaptiveLR"]
 
 # g(s) for s in [0, 1], from 1 down to 0: the cooldown's shape.
 SHAPES = {
@@ -207,3 +207,6 @@ class WarmupCosine(_WarmupDecay):
         final_factor = _check_unit("final_factor", final_factor)
         super().__init__(optimizer, warmup_steps, total_steps, warmup_steps, "cosine", warmup_start_factor,
                          final_factor, last_epoch, chainable)
+
+
+from .adaptive_lr import LossAdaptiveLR  # noqa: E402,F401  (the contract's fusedopt.schedules.LossAdaptiveLR)
