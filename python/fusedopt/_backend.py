@@ -35,6 +35,8 @@ assert (_C.table_columns, _C.group_fields, _C.num_algorithms) == (TABLE_COLUMNS,
 
 TORCH_DTYPE_CODES = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16,
                      torch.float64: FLOAT64}
+# Weight averages are float32 (averaging.h): float64 params would lose precision, so they are refused.
+AVERAGE_SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NUMPY_DTYPE_CODES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float16): FLOAT16, np.dtype(np.float64): FLOAT64}
 
 

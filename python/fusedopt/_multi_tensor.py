@@ -19,7 +19,7 @@ def average_(avgs: list[torch.Tensor], srcs: list[torch.Tensor], weight: float) 
     for i, (a, s) in enumerate(zip(avgs, srcs)):
         if a.dtype != torch.float32:
             raise ValueError(f"avgs[{i}] must be float32, got {a.dtype}")
-        if s.dtype not in B.TORCH_DTYPE_CODES:
+        if s.dtype not in B.AVERAGE_SOURCE_DTYPES:
             raise ValueError(f"srcs[{i}] has unsupported dtype {s.dtype}")
         if a.shape != s.shape or a.device != s.device or a.stride() != s.stride():
             raise ValueError(f"avgs[{i}] and srcs[{i}] must have the same shape, device and layout")

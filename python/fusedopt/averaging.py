@@ -67,9 +67,9 @@ def _collect(params_or_module, what: str = "params") -> list[torch.Tensor]:
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(p).__name__}")
-        if p.dtype not in B.TORCH_DTYPE_CODES:
+        if p.dtype not in B.AVERAGE_SOURCE_DTYPES:
             raise ValueError(f"{what}[{i}] ({_describe(p)}): only float32, bfloat16 and float16 params "
-                             "can be averaged")
+                             "can be averaged (the averages are float32)")
         if p.layout != torch.strided or (p.numel() and not B.is_dense(p.shape, p.stride())):
             raise ValueError(f"{what}[{i}] ({_describe(p)}) must be dense in memory "
                              "(contiguous or a permutation of it)")
