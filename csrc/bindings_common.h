@@ -21,7 +21,7 @@ using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecas
 using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 inline DType to_dtype(int code, const char* what) {
-  if (code < 0 || code > 3) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
+  if (code < 0 || code > 4) throw std::invalid_argument(std::string("fusedopt: bad dtype code for ") + what);
   return DType(code);
 }
 
@@ -52,9 +52,11 @@ inline void check_lists(std::initializer_list<const Int64Array*> lists, const ch
       throw std::invalid_argument(std::string("fusedopt: ") + names + " must be 1-d and of equal length");
 }
 
-// Device scalars (grad scale, found_inf, clip coefficient) arrive as addresses, 0 for none.
-inline StepScalars step_scalars(int64_t grad_scale, int64_t found_inf, int64_t clip_coef) {
+// Device scalars (grad scale, found_inf, clip coefficient) and the 8-bit maps arrive as
+// addresses, 0 for none.
+inline StepScalars step_scalars(int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t qmaps) {
   StepScalars s;
+  s.qmaps = reinterpret_cast<const float*>(qmaps);
   s.grad_scale = reinterpret_cast<const float*>(grad_scale);
   s.found_inf = reinterpret_cast<const float*>(found_inf);
   s.clip_coef = reinterpret_cast<const float*>(clip_coef);
@@ -72,7 +74,7 @@ inline auto step_arguments(py::arg_v backend) {
   return std::make_tuple(py::arg("algorithm"), py::arg("table"), py::arg("groups"), py::arg("param_dtype"),
                          py::arg("state_dtype"), py::arg("precision"), py::arg("variant"), py::arg("grad_scale") = 0,
                          py::arg("found_inf") = 0, py::arg("clip_coef") = 0, py::arg("stats") = 0,
-                         std::move(backend));
+                         py::arg("qmaps") = 0, std::move(backend));
 }
 
 }  // namespace fusedopt::bindings

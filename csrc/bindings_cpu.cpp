@@ -23,7 +23,7 @@ using bindings::to_dtype;
 
 StepCall make_call(int algorithm, const Int64Array& table, const DoubleArray& groups, int param_dtype,
                    int state_dtype, int precision, bool variant, int64_t grad_scale, int64_t found_inf,
-                   int64_t clip_coef, int64_t stats, int num_threads) {
+                   int64_t clip_coef, int64_t stats, int64_t qmaps, int num_threads) {
   bindings::check_step_tables(table, groups);
   StepCall call;
   call.algorithm = bindings::to_algorithm(algorithm);
@@ -35,7 +35,7 @@ StepCall make_call(int algorithm, const Int64Array& table, const DoubleArray& gr
   call.state_dtype = to_dtype(state_dtype, "state");
   call.precision = bindings::to_precision(precision);
   call.variant = variant;
-  call.scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef);
+  call.scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef, qmaps);
   call.stats = reinterpret_cast<double*>(stats);
   call.num_threads = num_threads > 0 ? num_threads : 1;
   return call;
@@ -43,9 +43,9 @@ StepCall make_call(int algorithm, const Int64Array& table, const DoubleArray& gr
 
 void run_step(int algorithm, const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
               int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats,
-              int num_threads) {
+              int64_t qmaps, int num_threads) {
   StepCall call = make_call(algorithm, table, groups, param_dtype, state_dtype, precision, variant, grad_scale,
-                            found_inf, clip_coef, stats, num_threads);
+                            found_inf, clip_coef, stats, qmaps, num_threads);
   py::gil_scoped_release release;
   active_kernels().step(call);
 }

@@ -22,7 +22,7 @@ TORCH_PIN="$(mktemp)"
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_PIN"
 "$PY" -m pip install -q -c "$TORCH_PIN" "transformers==5.23.0" "accelerate==1.15.0" \
   "lion-pytorch==0.2.5" "torch-optimi==0.3.3" "schedulefree==1.4.1" "pytorch-optimizer==4.1.0" \
-  "scikit-learn==1.9.1"
+  "scikit-learn==1.9.1" "bitsandbytes==0.50.2"
 rm -f "$TORCH_PIN"
 # Build requirements are installed above, so no isolated build env (which would fetch them
 # again); build/ keeps the CMake tree for incremental rebuilds.

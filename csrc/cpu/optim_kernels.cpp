@@ -3,6 +3,7 @@
 // loops from the shared scalar math, and dispatch.cpp picks a build at import.
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "../fusedopt/averaging.h"
@@ -197,9 +198,63 @@ void algorithm_loop(const StepCall& call) {
   });
 }
 
+// The same step for a bucket whose states are 8-bit codes (quantized.h): the tensors are laid
+// out on block boundaries in the work list, so every block of kQuantBlock elements (and its
+// absmax) belongs to exactly one chunk, and each block is dequantized, updated and
+// requantized in one pass while it sits in cache.
+template <class A, typename P, Precision PREC, bool V>
+void quantized_loop(const StepCall& call) {
+  using Scalars = typename A::template Scalars<ComputeOf<P>>;
+  if (call.scalars.qmaps == nullptr) throw std::invalid_argument("fusedopt: 8-bit states need the maps (qmaps)");
+  float unscale;
+  if (!read_unscale(call.scalars, &unscale)) return;
+  auto plans = plan_tensors<Scalars>(call, PREC == Precision::kStochastic,
+                                     [&](const double* g, double lr, double step) {
+                                       return A::template scalars<ComputeOf<P>>(g, lr, step, unscale);
+                                     });
+  const WorkList work(call.n_tensors, [&](int64_t t) {
+    const int64_t n = call.table[t * kNumTableColumns + kColNumel];
+    return (n + kQuantBlock - 1) / kQuantBlock * kQuantBlock;
+  });
+  static_assert(kChunkElements % kQuantBlock == 0, "chunks end on block boundaries");
+  StatSlots stats(call, work.chunks());
+  const float* maps = call.scalars.qmaps;
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
+    work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+      const int64_t* row = call.table + t * kNumTableColumns;
+      const TensorPlan<Scalars>& plan = plans[t];
+      double* slot = stats.slot(c, row[kColGroup]);
+      end = end < row[kColNumel] ? end : row[kColNumel];  // (the work list pads to whole blocks)
+      const auto runner = [&](int n, auto body) { run_piece(n, slot, body); };
+      for (int64_t b = begin; b < end; b += kQuantBlock) {
+        const int n = int(end - b < kQuantBlock ? end - b : kQuantBlock);
+        q8_t* const codes[3] = {column_ptr<q8_t>(row, kColState0, b), column_ptr<q8_t>(row, kColState1, b),
+                                column_ptr<q8_t>(row, kColState2, b)};
+        float* const absmax[3] = {column_ptr<float>(row, kColAbsmax0, b / kQuantBlock),
+                                  column_ptr<float>(row, kColAbsmax1, b / kQuantBlock),
+                                  column_ptr<float>(row, kColAbsmax2, b / kQuantBlock)};
+        P* param = column_ptr<P>(row, kColParam, b);
+        const P* grad = column_ptr<const P>(row, kColGrad, b);
+        void* extra = extra_ptr<PREC, P>(row, b);
+        const RoundingKeys keys = plan.keys.at(b);
+        if (A::kUsesFirst && plan.first)
+          quantized_block<A, P, PREC, V, A::kUsesFirst>(param, grad, codes, absmax, extra, n, maps, plan.scalars,
+                                                        keys, runner);
+        else
+          quantized_block<A, P, PREC, V, false>(param, grad, codes, absmax, extra, n, maps, plan.scalars, keys,
+                                                runner);
+      }
+    });
+  });
+  stats.finish(work.chunks());
+}
+
 template <class A, typename P, typename S, Precision PREC, bool V>
 struct StepKernel {
-  static void run(const StepCall& call) { algorithm_loop<A, P, S, PREC, V>(call); }
+  static void run(const StepCall& call) {
+    if constexpr (std::is_same_v<S, q8_t>) quantized_loop<A, P, PREC, V>(call);
+    else algorithm_loop<A, P, S, PREC, V>(call);
+  }
 };
 
 // Sum of squares in double: per-chunk partials in fixed slots, added in chunk order, so the

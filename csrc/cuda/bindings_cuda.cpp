@@ -84,13 +84,13 @@ int to_device(int64_t device) {
 
 void run_step(int algorithm, const Int64Array& table, const DoubleArray& groups, int param_dtype, int state_dtype,
               int precision, bool variant, int64_t grad_scale, int64_t found_inf, int64_t clip_coef, int64_t stats,
-              int64_t stream, int64_t device) {
+              int64_t qmaps, int64_t stream, int64_t device) {
   bindings::check_step_tables(table, groups);
   algorithm = bindings::to_algorithm(algorithm);
   const DType pd = to_dtype(param_dtype, "params");
   const DType sd = to_dtype(state_dtype, "state");
   const Precision prec = bindings::to_precision(precision);
-  const StepScalars scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef);
+  const StepScalars scalars = bindings::step_scalars(grad_scale, found_inf, clip_coef, qmaps);
   const int dev = to_device(device);
   py::gil_scoped_release release;
   DeviceGuard guard(dev);

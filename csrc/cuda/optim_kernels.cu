@@ -11,6 +11,7 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "../fusedopt/step_dispatch.h"
 #include "element_tiles.h"
@@ -53,6 +54,7 @@ struct StepTensor {
   void* state1;  // exp_avg_sq
   void* state2;  // max_exp_avg_sq
   void* extra;   // master_param | kahan_comp
+  float* absmax[3];  // 8-bit states (quantized.h): per-block absmax of state 0, 1, 2
   float* step;   // read here (old value), advanced by increment_steps_kernel afterwards
   const float* lr;
   uint64_t seed;
@@ -87,6 +89,7 @@ StepTensor step_tensor(const StepCall& call, int64_t t) {
   m.state1 = reinterpret_cast<void*>(row[kColState1]);
   m.state2 = reinterpret_cast<void*>(row[kColState2]);
   m.extra = reinterpret_cast<void*>(row[kColExtra]);
+  for (int k = 0; k < 3; ++k) m.absmax[k] = reinterpret_cast<float*>(row[kColAbsmax0 + k]);
   m.step = reinterpret_cast<float*>(row[kColStep]);
   m.lr = reinterpret_cast<const float*>(row[kColLr]);
   m.seed = uint64_t(row[kColSeed]);
@@ -142,8 +145,9 @@ struct RegisterStats {
   }
 };
 
+template <int kThreads = kStepThreads>
 __device__ __forceinline__ void add_block_stats(const float (&acc)[kNumStats], double* __restrict__ slot) {
-  constexpr int kWarps = kStepThreads / 32;
+  constexpr int kWarps = kThreads / 32;
   __shared__ double warp_sums[kWarps][kNumStats];
   double v[kNumStats];
 #pragma unroll
@@ -244,6 +248,98 @@ struct StepFunctor {
   }
 };
 
+__device__ __forceinline__ void add_quantized_block_stats(const float (&acc)[kNumStats], double* __restrict__ slot) {
+  add_block_stats<kQuantBlock>(acc, slot);
+}
+
+// ---- 8-bit states ------------------------------------------------------------------------------
+// One thread per element of a quantization block (kQuantBlock threads), blocks of a chunk in
+// turn: each thread dequantizes its element's states, runs step_element on them in registers,
+// the block finds each state's new absmax (a max over the threads, exact in any order) and
+// each thread requantizes its element (quantized.h: quantize_code), as the CPU's
+// quantized_block does element for element.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float warp_max[kQuantBlock / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kQuantBlock / 32; ++w) m = fmaxf(m, warp_max[w]);
+  __syncthreads();  // warp_max is reused by the next call
+  return m;
+}
+
+template <class A, typename P, Precision PREC, bool V>
+struct QuantizedStepFunctor {
+  static constexpr int kBlockThreads = kQuantBlock;
+  static constexpr int kMinBlocksPerSm = 4;
+  using Scalars = typename A::template Scalars<ComputeOf<P>>;
+  StepScalars scalars;
+  double* stats;
+
+  int64_t grid(int64_t n_chunks) const { return n_chunks; }
+
+  template <bool FIRST>
+  __device__ void run(const StepTensor& t, const ChunkRef& c, const Scalars& s, const RoundingKeys& keys) const {
+    constexpr int kStates = A::template kStates<V>;
+    const float* maps = scalars.qmaps;
+    float acc[kNumStats] = {};
+    for (int64_t b = c.begin; b < c.end; b += kQuantBlock) {  // chunks start on block boundaries
+      const int64_t i = b + threadIdx.x;
+      const bool live = i < c.end;
+      float st[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int k = 0; k < kStates; ++k)
+        if (live && A::template reads_state<V, FIRST>(k))
+          st[k] = quant_map(maps, k)[static_cast<const q8_t*>(k == 0 ? t.state0 : (k == 1 ? t.state1 : t.state2))[i].code] *
+                  t.absmax[k][b / kQuantBlock];
+      if (live) {
+        if (stats == nullptr)
+          step_element<A, P, float, PREC, V, FIRST>(static_cast<P*>(t.param) + i, static_cast<const P*>(t.grad) + i,
+                                                    st, st + 1, st + 2, extra_at<PREC, P>(t.extra, i), 0, s,
+                                                    keys.at(i), NoStats{});
+        else
+          step_element<A, P, float, PREC, V, FIRST>(static_cast<P*>(t.param) + i, static_cast<const P*>(t.grad) + i,
+                                                    st, st + 1, st + 2, extra_at<PREC, P>(t.extra, i), 0, s,
+                                                    keys.at(i), RegisterStats{acc});
+      }
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) {
+        const float m = block_max(live ? fabsf(st[k]) : 0.0f);
+        if (threadIdx.x == 0) t.absmax[k][b / kQuantBlock] = m;
+        if (live) {
+          const float x = st[k] * (m > 0.0f ? 1.0f / m : 0.0f);
+          q8_t* codes = static_cast<q8_t*>(k == 0 ? t.state0 : (k == 1 ? t.state1 : t.state2));
+          uint8_t code;
+          if constexpr (PREC == Precision::kStochastic) {
+            const ElementRandom r = element_random<PREC>(keys, i, true);
+            code = quantize_code<true>(quant_map(maps, k), quant_base(maps, k), quant_threshold(maps, k), x,
+                                       k == 0 ? r.a >> 16 : (k == 1 ? r.b : r.b >> 16));
+          } else {
+            code = quantize_code<false>(quant_map(maps, k), quant_base(maps, k), quant_threshold(maps, k), x, 0u);
+          }
+          codes[i].code = code;
+        }
+      }
+    }
+    if (stats != nullptr) add_quantized_block_stats(acc, stats + t.group_index * kNumStats);
+  }
+
+  __device__ void operator()(const StepList& list) const {
+    const ChunkRef c = locate_chunk(list, int64_t(blockIdx.x));
+    const StepTensor& t = list.meta[c.slot];
+    float unscale = 1.0f;
+    if (!read_unscale(scalars, &unscale)) return;  // every thread reads the same scalars
+    const double step = next_step(t.step);
+    const Scalars s = A::template scalars<ComputeOf<P>>(t.group, tensor_lr(t), step, unscale);
+    const RoundingKeys keys = rounding_keys(t.seed, t.param_index, int64_t(step), t.rng_offset);
+    if (A::kUsesFirst && t.first != 0) run<A::kUsesFirst>(t, c, s, keys);
+    else run<false>(t, c, s, keys);
+  }
+};
+
 // ---- step counters -------------------------------------------------------------------------
 struct StepCounters {
   float* step[kCounterCapacity];
@@ -291,7 +387,14 @@ void run_step(const StepCall& call, const char* name) {
 
 template <class A, typename P, typename S, Precision PREC, bool V>
 struct StepKernel {
-  static void run(const StepCall& call) { run_step<StepFunctor<AlgorithmStep<A, P, S, PREC, V>>>(call, "step"); }
+  static void run(const StepCall& call) {
+    if constexpr (std::is_same_v<S, q8_t>) {
+      if (call.scalars.qmaps == nullptr) throw std::invalid_argument("fusedopt: 8-bit states need the maps (qmaps)");
+      run_step<QuantizedStepFunctor<A, P, PREC, V>>(call, "step (8-bit states)");
+    } else {
+      run_step<StepFunctor<AlgorithmStep<A, P, S, PREC, V>>>(call, "step");
+    }
+  }
 };
 
 // ---- deterministic sum of squares --------------------------------------------------------------

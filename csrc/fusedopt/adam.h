@@ -15,6 +15,7 @@ struct Adam {
   template <bool AMSGRAD, bool FIRST>
   static constexpr bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
+  static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 
   // Everything the inner loop needs, computed once per tensor from its group and its step.
   template <typename C>

@@ -13,8 +13,9 @@
 namespace fusedopt {
 
 // Element types a kernel can be instantiated for; the numbers are the wire format
-// used by the Python layer (python/fusedopt/_dtypes.py).
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+// used by the Python layer (python/fusedopt/_backend.py). kUInt8Blockwise: 8-bit state codes with
+// a per-block absmax (quantized.h), a state dtype only.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3, kUInt8Blockwise = 4 };
 
 // How a low-precision param is written back after the fp32 update.
 enum class Precision : int {
@@ -29,6 +30,8 @@ enum class WeightDecayMode : int { kCoupled = 0, kDecoupled = 1, kIndependent = 
 FUSEDOPT_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
+#elif defined(__GNUC__) && !defined(__CUDACC__)
+  return __builtin_bit_cast(uint32_t, x);  // (a memcpy through memory can block vectorization)
 #else
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);

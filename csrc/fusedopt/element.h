@@ -8,6 +8,7 @@
 //   template <bool V, bool FIRST> static constexpr bool reads_state(int k)
 //                                                       whether buffer k is read (else it starts at 0)
 //   static constexpr bool kUsesFirst                    the table's first-step flag matters
+//   static constexpr bool kQuantizable                  8-bit states offered (quantized.h)
 //   template <typename C> struct Scalars                per-tensor values, computed once
 //   template <typename C> static Scalars<C> scalars(const double* group, double lr, double step, float unscale)
 //   template <bool V, bool FIRST, typename C> static void update(C& p, C g, C (&s)[3], const Scalars<C>&)

@@ -14,6 +14,7 @@ struct Lion {
   template <bool, bool>
   static constexpr bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
+  static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 
   template <typename C>
   struct Scalars {

@@ -56,6 +56,7 @@ struct ScheduleFreeAdamW {
   template <bool, bool>
   static constexpr bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
+  static constexpr bool kQuantizable = false;
   template <typename C>
   using Scalars = ScheduleFreeScalars<C>;
 
@@ -84,6 +85,7 @@ struct ScheduleFreeSgd {
   template <bool, bool>
   static constexpr bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
+  static constexpr bool kQuantizable = false;
   template <typename C>
   using Scalars = ScheduleFreeScalars<C>;
 

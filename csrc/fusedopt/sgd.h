@@ -15,6 +15,7 @@ struct Sgd {
   template <bool MOMENTUM, bool FIRST>
   static constexpr bool reads_state(int) { return !FIRST; }
   static constexpr bool kUsesFirst = true;
+  static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 
   template <typename C>
   struct Scalars {

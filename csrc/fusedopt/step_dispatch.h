@@ -4,6 +4,7 @@
 #pragma once
 #include <stdexcept>
 #include "algorithms.h"
+#include "quantized.h"
 
 namespace fusedopt {
 
@@ -15,6 +16,7 @@ void dispatch_types(const Call& call) {
   using B = bf16_t;
   using H = fp16_t;
   using D = double;
+  using Q = q8_t;
 #define FUSEDOPT_VARIANTS(P, S, PREC) \
   return call.variant ? Kernel<A, P, S, PREC, true>::run(call) : Kernel<A, P, S, PREC, false>::run(call)
   const DType pd = call.param_dtype, sd = call.state_dtype;
@@ -22,6 +24,7 @@ void dispatch_types(const Call& call) {
   if (pd == DType::kFloat32 && pr == Precision::kPlain) {
     if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
     if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
+    if (sd == DType::kUInt8Blockwise && A::kQuantizable) FUSEDOPT_VARIANTS(F, Q, Precision::kPlain);
   }
   if (pd == DType::kFloat64 && sd == DType::kFloat64 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(D, D, Precision::kPlain);
   if (pd == DType::kBFloat16) {
@@ -37,6 +40,12 @@ void dispatch_types(const Call& call) {
       if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
       if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
     }
+    if (sd == DType::kUInt8Blockwise && A::kQuantizable) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, Q, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, Q, Precision::kMaster);
+      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, Q, Precision::kStochastic);
+      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, Q, Precision::kKahan);
+    }
   }
   if (pd == DType::kFloat16) {
     if (sd == DType::kFloat32) {
@@ -44,6 +53,10 @@ void dispatch_types(const Call& call) {
       if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
     }
     if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
+    if (sd == DType::kUInt8Blockwise && A::kQuantizable) {
+      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, Q, Precision::kPlain);
+      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, Q, Precision::kMaster);
+    }
   }
 #undef FUSEDOPT_VARIANTS
   throw std::invalid_argument("fusedopt: unsupported combination of param dtype, state dtype and precision");

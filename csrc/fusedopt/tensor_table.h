@@ -24,7 +24,10 @@ enum TableColumn : int {
   kColSeed = 12,       // stochastic-rounding seed of the param's group
   kColRngOffset = 13,  // index of this tensor's first element in the full (unsharded) param:
                        // random bits are keyed by the global index, so sharding never changes them
-  kNumTableColumns = 14,
+  kColAbsmax0 = 14,    // 8-bit states (quantized.h): fp32 absmax per block of state 0, 1, 2
+  kColAbsmax1 = 15,
+  kColAbsmax2 = 16,
+  kNumTableColumns = 17,
 };
 
 enum TableFlags : int64_t { kFlagFirstStep = 1 };
@@ -50,6 +53,7 @@ struct StepScalars {
   const float* grad_scale = nullptr;  // GradScaler scale: grads are divided by it
   const float* found_inf = nullptr;   // nonzero: the whole step is skipped
   const float* clip_coef = nullptr;   // global-norm clip factor, already min(1, ...)
+  const float* qmaps = nullptr;       // 8-bit states: the signed then the unsigned map (512 floats)
 };
 
 // track_stats: per group, the kernel adds these sums into a (n_groups x kNumStats) float64

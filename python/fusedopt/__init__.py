@@ -10,6 +10,8 @@ from . import functional
 from ._config import show_config
 from . import schedules, averaging, sharpness
 from ._param_groups import param_groups
+from ._quantization import dequantize_state_dict
 
 __all__ = ["Adam", "AdamW", "SGD", "Lion", "AdamWScheduleFree", "SGDScheduleFree", "SAM", "functional",
-           "show_config", "__version__", "schedules", "averaging", "sharpness", "param_groups"]
+           "show_config", "__version__", "schedules", "averaging", "sharpness", "param_groups",
+           "dequantize_state_dict"]

@@ -13,15 +13,15 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime first, so _C shares it
 from . import _C
 
 # Wire codes of csrc/fusedopt/common.h.
-FLOAT32, BFLOAT16, FLOAT16, FLOAT64 = 0, 1, 2, 3
+FLOAT32, BFLOAT16, FLOAT16, FLOAT64, UINT8_BLOCKWISE = 0, 1, 2, 3, 4
 PLAIN, MASTER, STOCHASTIC, KAHAN = 0, 1, 2, 3
 COUPLED, DECOUPLED, INDEPENDENT = 0, 1, 2
 WEIGHT_DECAY_MODES = {"coupled": COUPLED, "decoupled": DECOUPLED, "independent": INDEPENDENT}
 
 # Columns of csrc/fusedopt/tensor_table.h.
 (COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_STATE2, COL_EXTRA, COL_STEP, COL_NUMEL, COL_GROUP,
- COL_PARAM_INDEX, COL_FLAGS, COL_LR, COL_SEED, COL_RNG_OFFSET) = range(14)
-TABLE_COLUMNS = 14
+ COL_PARAM_INDEX, COL_FLAGS, COL_LR, COL_SEED, COL_RNG_OFFSET, COL_ABSMAX0, COL_ABSMAX1, COL_ABSMAX2) = range(17)
+TABLE_COLUMNS = 17
 FLAG_FIRST_STEP = 1
 (G_LR, G_BETA1, G_BETA2, G_EPS, G_WEIGHT_DECAY, G_WD_MODE, G_MAXIMIZE, G_NESTEROV, G_AUX0, G_AUX1,
  G_AUX2) = range(11)
@@ -35,6 +35,8 @@ assert (_C.table_columns, _C.group_fields, _C.num_algorithms) == (TABLE_COLUMNS,
 
 TORCH_DTYPE_CODES = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16,
                      torch.float64: FLOAT64}
+# State dtypes: the same codes, plus 8-bit blockwise codes (csrc/fusedopt/quantized.h).
+STATE_DTYPE_CODES = {**TORCH_DTYPE_CODES, torch.uint8: UINT8_BLOCKWISE}
 # Weight averages are float32 (averaging.h): float64 params would lose precision, so they are refused.
 AVERAGE_SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NUMPY_DTYPE_CODES = {np.dtype(np.float32): FLOAT32, np.dtype(np.float16): FLOAT16, np.dtype(np.float64): FLOAT64}

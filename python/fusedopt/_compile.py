@@ -265,7 +265,7 @@ def _eager_step(opt, closure):
 
 def compiled_step(opt, closure=None):
     """``FusedOptimizer.step`` while Dynamo traces it; see the module docstring."""
-    if closure is not None or opt._eager_only:
+    if closure is not None or opt._eager_only or any(g.get("state_dtype") == torch.uint8 for g in opt.param_groups):
         return _eager_step(opt, closure)
     for group in opt.param_groups:
         if any(isinstance(b, Tensor) for b in group.get("betas", ())):
@@ -328,7 +328,7 @@ def compiled_step(opt, closure=None):
         common = dict(
             lrs=[None if lr is None else lr.to(device=dev, dtype=torch.float32) for lr in group_lrs],
             groups=groups, group_seeds=seeds, group_index=b["groups"], param_index=b["indices"],
-            state_dtype=B.TORCH_DTYPE_CODES[sd], precision=precision, grad_scale=on_device(grad_scale, dev),
+            state_dtype=B.STATE_DTYPE_CODES[sd], precision=precision, grad_scale=on_device(grad_scale, dev),
             found_inf=on_device(found_inf, dev), clip_coef=clip.get(str(dev)), stats=stats.get(str(dev)))
         torch.ops.fusedopt.step_(opt._algorithm, b["params"], b["grads"], s0, s1, s2, ex, st, variant=variant,
                                  **common)

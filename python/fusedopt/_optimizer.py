@@ -11,6 +11,7 @@ import torch
 
 from . import _backend as B
 from . import _compile
+from . import _quantization as Q
 from . import _distributed as D
 from ._norms import clip_norm_and_factor, on_device, stats_from_sums
 from ._plan import Bucket, Plan
@@ -52,8 +53,9 @@ def precision_defaults(cls_name: str, master_weights=False, stochastic_rounding=
     if modes:
         out[modes[0]] = True
     if state_dtype is not None:
-        if state_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32 or torch.bfloat16)")
+        if state_dtype not in (torch.float32, torch.bfloat16, torch.uint8):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32, torch.bfloat16 or "
+                             "torch.uint8)")
         out["state_dtype"] = state_dtype
     if max_grad_norm is not None:
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
@@ -84,6 +86,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _state_from_param: tuple = ()     # state keys that start as a copy of the param (else zeros)
     _device_lr = True                 # a tensor lr on the params' GPU is read by the kernel itself
     _eager_only = False               # torch.compile runs the eager step (host-side group bookkeeping)
+    _quantizable = False              # state_dtype=torch.uint8 offered (8-bit moments, _quantization.py)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
     _init_group = _compile.init_group  # run eagerly by Dynamo when it traces step()
 
@@ -183,10 +186,23 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- state dict ------------------------------------------------------------------------
     @staticmethod
     def _stash_saved_state(optimizer, state_dict):
+        # bitsandbytes' 8-bit state dicts load as fusedopt's layout (codes and absmax kept).
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        converted = Q.from_bitsandbytes(state_dict, params)
+        # A group saved without fusedopt's keys (a torch.optim or bitsandbytes state dict) keeps
+        # this optimizer's precision configuration: loading fp32 moments into an 8-bit optimizer
+        # quantizes them, a master-weights optimizer stays one.
+        missing = [[k for k in current if k != "params" and k not in saved]
+                   for saved, current in zip(converted["param_groups"], optimizer.param_groups)]
+        if any(missing):
+            if converted is state_dict:
+                converted = dict(state_dict, param_groups=[dict(g) for g in state_dict["param_groups"]])
+            for saved, current, keys in zip(converted["param_groups"], optimizer.param_groups, missing):
+                saved.update({k: current[k] for k in keys})
         # torch's loader casts floating state to the param's dtype; remember what was saved.
-        optimizer._saved_state = state_dict["state"]
-        optimizer._saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        return None
+        optimizer._saved_state = converted["state"]
+        optimizer._saved_ids = [i for g in converted["param_groups"] for i in g["params"]]
+        return None if converted is state_dict else converted
 
     @staticmethod
     def _plain_state_dict(optimizer, state_dict):
@@ -222,10 +238,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- the plan --------------------------------------------------------------------------
     def _state_dtype(self, group, p, state) -> torch.dtype:
+        configured = group.get("state_dtype")
+        if configured == torch.uint8 and p.dtype != torch.float64:
+            # 8-bit moments for params of >= 4096 elements (fp32 moments loaded into an 8-bit
+            # optimizer are quantized by _prepare_state); smaller ones keep fp32 moments.
+            return torch.uint8 if p.numel() >= Q.MIN_NUMEL else torch.float32
         existing = [state[k] for k in self._moment_keys(group) if isinstance(state.get(k), torch.Tensor)]
         if existing:
             return existing[0].dtype
-        configured = group.get("state_dtype")
         if configured is not None:
             return configured
         if p.dtype == torch.float64:
@@ -266,8 +286,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         precision = self._precision(group)
         supported = {torch.float32: (torch.float32, torch.bfloat16), torch.bfloat16: (torch.float32, torch.bfloat16),
                      torch.float16: (torch.float32, torch.float16), torch.float64: (torch.float64,)}[p.dtype]
+        if self._quantizable and p.dtype != torch.float64:
+            supported += (torch.uint8,)
         if sd not in supported:
-            raise ValueError(f"{label}: moments of dtype {sd} are not supported for {p.dtype} params")
+            raise ValueError(f"{label}: moments of dtype {sd} are not supported for {p.dtype} params"
+                             + (f" by {type(self).__name__}" if sd == torch.uint8 else ""))
+        if sd == torch.uint8 and D.is_dtensor(p):
+            raise ValueError(f"{label}: 8-bit moments (state_dtype=torch.uint8) are not supported for DTensor params")
         if precision != B.PLAIN and p.dtype in (torch.float32, torch.float64):
             raise ValueError(f"{label}: precision keywords need bfloat16/float16 params")
         for k in self._moment_keys(group):
@@ -275,7 +300,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(t, torch.Tensor):
                 if t.shape != p.shape:
                     raise ValueError(f"{label}: state '{k}' has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                if t.dtype != sd:
+                if sd == torch.uint8 and t.dtype == torch.uint8:
+                    a = state.get(k + Q.ABSMAX_SUFFIX)
+                    if not (isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                            and a.shape == (Q.num_blocks(p.numel()),)):
+                        raise ValueError(f"{label}: 8-bit state '{k}' needs '{k}{Q.ABSMAX_SUFFIX}', a float32 tensor "
+                                         f"of {Q.num_blocks(p.numel())} block maxima")
+                elif sd == torch.uint8 and t.is_floating_point():
+                    pass  # fp32 moments loaded into an 8-bit optimizer: quantized by _prepare_state
+                elif t.dtype != sd:
                     raise ValueError(f"{label}: state '{k}' has dtype {t.dtype}, but other moments are {sd}")
         extra = {B.MASTER: ("master_param", torch.float32), B.KAHAN: ("kahan_comp", p.dtype)}.get(precision)
         if extra and isinstance(state.get(extra[0]), torch.Tensor):
@@ -297,6 +330,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         created = False
         for k in self._moment_keys(group):
             t = state.get(k)
+            if sd == torch.uint8:
+                created |= self._prepare_quantized(k, p, layout, state)
+                continue
             if not isinstance(t, torch.Tensor):
                 if k in self._state_from_param:
                     source = state["master_param"] if isinstance(state.get("master_param"), torch.Tensor) else layout
@@ -320,6 +356,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(t, torch.Tensor) and (t.stride() != layout.stride() or t.device != p.device):
                 state[k] = torch.empty_like(layout, dtype=t.dtype).copy_(t)
         return created
+
+    @staticmethod
+    def _prepare_quantized(key, p, layout, state) -> bool:
+        """8-bit moment `key`: codes of 0.0 and zero absmax when missing (returns True), or the
+        nearest codes of fp32 values loaded into an 8-bit optimizer; codes in the param's
+        layout and device."""
+        t = state.get(key)
+        absmax_key = key + Q.ABSMAX_SUFFIX
+        if not isinstance(t, torch.Tensor):
+            state[key] = torch.full_like(layout, Q.zero_code(key), dtype=torch.uint8,
+                                         memory_format=torch.preserve_format)
+            state[absmax_key] = torch.zeros(Q.num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+            return True
+        if t.dtype != torch.uint8:
+            codes, absmax = Q.quantize(t.to(p.device).contiguous(), key)
+            state[key] = torch.empty_like(layout, dtype=torch.uint8).copy_(codes)
+            state[absmax_key] = absmax
+            return False
+        if t.stride() != layout.stride() or t.device != p.device:
+            state[key] = torch.empty_like(layout, dtype=torch.uint8).copy_(t)
+        a = state[absmax_key]
+        if a.device != p.device or not a.is_contiguous():
+            state[absmax_key] = a.to(p.device).contiguous()
+        return False
 
     def _structure(self, group) -> tuple:
         """What of a group shapes the plan (a change rebuilds it); scalars like lr do not."""
@@ -395,6 +455,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             row[B.COL_GRAD] = g.data_ptr()
             for col, t in zip((B.COL_STATE0, B.COL_STATE1, B.COL_STATE2), moments):
                 row[col] = t.data_ptr()
+            if sd == torch.uint8:
+                for col, m in zip((B.COL_ABSMAX0, B.COL_ABSMAX1, B.COL_ABSMAX2), self._moment_keys(group)):
+                    absmax = state[m + Q.ABSMAX_SUFFIX]
+                    row[col] = absmax.data_ptr()
+                    b.keepalive.append(absmax)
             row[B.COL_EXTRA] = extra.data_ptr() if extra is not None else 0
             row[B.COL_STEP] = step.data_ptr() if step is not None else 0
             row[B.COL_NUMEL] = lp.numel()
@@ -500,11 +565,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if groups is None:
                 groups = group_rows[b.device] = self._group_rows(b.device)
             kwargs = dict(grad_scale=_ptr(gs), found_inf=_ptr(fi), clip_coef=_ptr(cc))
+            if b.state_dtype == torch.uint8:
+                kwargs["qmaps"] = Q.maps(b.device).data_ptr()
             if b.device in stats and b.counted:  # (replicas another rank counts add nothing)
                 kwargs["stats"] = stats[b.device].data_ptr()
             kwargs.update(B.launch_kwargs(b.device))
             mod.step(self._algorithm, b.table, groups, B.TORCH_DTYPE_CODES[b.param_dtype],
-                     B.TORCH_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
+                     B.STATE_DTYPE_CODES[b.state_dtype], b.precision, b.variant, **kwargs)
             for p, stand_in in b.writebacks:
                 p.copy_(stand_in)
             # A skipped (found_inf) first step leaves the new buffers for the next real step;

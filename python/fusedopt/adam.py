@@ -27,6 +27,7 @@ class Adam(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (coupled L2 decay unless
     ``decoupled_weight_decay=True``), plus fusedopt's precision keywords (see API.md)."""
 
+    _quantizable = True  # state_dtype=torch.uint8
     _algorithm = B.ADAM
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,

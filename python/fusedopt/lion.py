@@ -15,6 +15,7 @@ class Lion(FusedOptimizer):
     larger than ~256 * lr, where naive bf16 rounds it away. Use ``stochastic_rounding=True``
     (no extra memory) or ``kahan_summation=True`` for bf16 params."""
 
+    _quantizable = True  # state_dtype=torch.uint8
     _algorithm = B.LION
     _keeps_step = False  # as lion-pytorch and optimi
 

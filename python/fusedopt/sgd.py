@@ -8,6 +8,7 @@ from ._optimizer import FusedOptimizer, check_lr, check_weight_decay, precision_
 class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD`, plus fusedopt's precision keywords."""
 
+    _quantizable = True  # state_dtype=torch.uint8
     _algorithm = B.SGD
     _keeps_step = False
 
