@@ -20,6 +20,10 @@ cases = {
     "adamw_bf16": (torch.bfloat16, dict(lr=1e-2)),
     "adamw_bf16_sr": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=7)),
     "adamw_bf16_kahan": (torch.bfloat16, dict(lr=1e-3, kahan_summation=True)),
+    # bf16 moments: the stochastic rounding of states (both random streams) in the vector loop
+    "adamw_bf16_sr_bf16state": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=11,
+                                                     state_dtype=torch.bfloat16, amsgrad=True)),
+    "adamw_bf16_kahan_bf16state": (torch.bfloat16, dict(lr=1e-3, kahan_summation=True, state_dtype=torch.bfloat16)),
     "adamw_fp16_master": (torch.float16, dict(lr=1e-3, master_weights=True)),
 }
 for name, (dtype, kw) in cases.items():

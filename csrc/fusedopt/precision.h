@@ -19,24 +19,35 @@ template <> struct StorageOf<DType::kFloat64> { using type = double; };
 // ---- bf16 --------------------------------------------------------------------------------
 FUSEDOPT_HD float load_float(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
 
-FUSEDOPT_HD bf16_t bf16_round_nearest(float f) {
+// NaN test of the value being rounded: one unordered compare on a vector of floats, where a
+// test on the bits costs a mask and an unsigned compare (two ops on x86 before AVX-512).
+// Exact without -ffast-math, which the project never uses.
+FUSEDOPT_HD bool is_nan(float f) { return f != f; }
+
+// Round-to-nearest-even to bf16, as an fp32 bit pattern whose low 16 bits are junk: the bf16
+// is the high half. The NaN select is made on 32-bit lanes, before the narrowing, so the
+// vectorized loop narrows once per store (a shift and a pack) rather than narrowing both
+// candidates and the mask. A NaN keeps its sign and payload top bits, made quiet.
+FUSEDOPT_HD uint32_t bf16_nearest_high(float f) {
   uint32_t u = float_bits(f);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  // NaN must stay NaN (the carry could turn it into inf): keep a quiet NaN with its sign.
-  bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return bf16_t{uint16_t(nan ? ((u >> 16) | 0x0040u) : rounded)};
+  return is_nan(f) ? (u | 0x00400000u) : u + 0x7FFFu + ((u >> 16) & 1u);
 }
+
+FUSEDOPT_HD bf16_t bf16_round_nearest(float f) { return bf16_t{uint16_t(bf16_nearest_high(f) >> 16)}; }
 
 // Adds 16 random bits below the bf16 mantissa and truncates: rounds up with probability
 // equal to the distance from the lower neighbour, so E[round(x)] = x. Infinities come out as
 // they went in (their low 16 bits are zero, so the add cannot carry); a NaN is truncated to a
 // quiet NaN with its sign, as adding to its payload could carry into the sign. One compare
-// and one select per element: this sits in the hottest loop of the stochastic paths.
-FUSEDOPT_HD bf16_t bf16_round_stochastic(float f, uint32_t random) {
+// and one select per element: this sits in the hottest loop of the stochastic paths. Same
+// high-half form as bf16_nearest_high.
+FUSEDOPT_HD uint32_t bf16_stochastic_high(float f, uint32_t random) {
   uint32_t u = float_bits(f);
-  uint32_t sr = (u + (random & 0xFFFFu)) >> 16;
-  bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return bf16_t{uint16_t(nan ? ((u >> 16) | 0x0040u) : sr)};
+  return is_nan(f) ? (u | 0x00400000u) : u + (random & 0xFFFFu);
+}
+
+FUSEDOPT_HD bf16_t bf16_round_stochastic(float f, uint32_t random) {
+  return bf16_t{uint16_t(bf16_stochastic_high(f, random) >> 16)};
 }
 
 // ---- fp16 (IEEE half) --------------------------------------------------------------------
@@ -132,12 +143,25 @@ FUSEDOPT_HD void store_stochastic(fp16_t* dst, float v, uint32_t) { *dst = fp16_
 // Kahan-compensated write of an updated param: `old` is the value the param held, `updated`
 // the fp32 result, `comp` the running compensation. The part of the update that the
 // rounding drops is carried in comp and added back next step.
+// store_written(dst, v) stores v rounded to nearest and returns the value stored, read back.
+// For bf16 the value is taken from the rounding's 32-bit result rather than from the 16-bit
+// store, so a vectorized loop does not narrow and then widen again.
+FUSEDOPT_HD float store_written(bf16_t* dst, float v) {
+  const uint32_t high = bf16_nearest_high(v);
+  *dst = bf16_t{uint16_t(high >> 16)};
+  return bits_float(high & 0xFFFF0000u);
+}
+template <typename T>
+FUSEDOPT_HD float store_written(T* dst, float v) {
+  store_nearest(dst, v);
+  return load_float(*dst);
+}
+
 template <typename T>
 FUSEDOPT_HD void store_kahan(T* param, T* comp, float old, float updated) {
   float delta = (updated - old) + load_float(*comp);
   float target = old + delta;
-  store_nearest(param, target);
-  float written = load_float(*param);
+  float written = store_written(param, target);
   store_nearest(comp, delta - (written - old));
 }
 
