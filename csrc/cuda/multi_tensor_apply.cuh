@@ -37,7 +37,7 @@ template <typename Meta, typename Functor, typename NumelOf, typename MetaOf>
 int multi_tensor_apply(int64_t n_tensors, int64_t chunk_size, NumelOf numel_of, MetaOf meta_of,
                        const Functor& functor, cudaStream_t stream, const char* name) {
   static_assert(sizeof(TensorList<Meta>) + sizeof(Functor) <= size_t(kKernelParamBytes),
-                "kernel arguments exceed 4 KiB");
+                "kernel arguments exceed the kernel parameter budget (launch_plan.h)");
   return plan_launches<Meta>(n_tensors, chunk_size, numel_of, meta_of, [&](const TensorList<Meta>& list) {
     const int64_t grid = functor.grid(list.n_chunks);
     multi_tensor_kernel<Meta, Functor><<<unsigned(grid), Functor::kBlockThreads, 0, stream>>>(list, functor);

@@ -65,6 +65,9 @@ struct StepTensor {
   int32_t first;  // SGD: the momentum buffer starts as the grad
 };
 using StepList = TensorList<StepTensor>;
+#if CUDART_VERSION >= 12010
+static_assert(StepList::kCapacity >= 36, "a step launch holds at least as many tensors as torch's");
+#endif
 
 struct StepCall {
   int algorithm;         // an id of algorithms.h
