@@ -9,3 +9,6 @@ from . import schedules, averaging
 from ._param_groups import param_groups
 
 __all__ = ["Adam", "AdamW", "SGD", "functional", "show_config", "__version__", "schedules", "averaging", "param_groups"]
+from .muon import Muon, muon_param_groups
+
+__all__ += ["Muon", "muon_param_groups"]

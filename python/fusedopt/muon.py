@@ -1,0 +1,664 @@
+"""Muon (orthogonalised momentum for weight matrices) with AdamW groups in the same optimizer.
+
+The math, state (``momentum_buffer``) and validation wording are ``torch.optim.Muon``'s; the
+speed comes from structure. Matrices of the same shape are stacked into one ``[n, rows, cols]``
+bf16 tensor and each Newton-Schulz iteration is one ``bmm`` + two ``baddbmm`` calls for all of
+them; the elementwise work (momentum and Nesterov blend, weight decay, the scaled update, the
+precision paths) is one ``torch._foreach_*`` call per bucket; ``use_muon=False`` groups are
+stepped by one ``fusedopt.functional.adamw_`` call per (device, dtype, hyper-parameters) bucket.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["Muon", "muon_param_groups", "newton_schulz"]
+
+_ADJUST_LR_FNS = ("original", "match_rms_adamw")
+_SHAPE_MODES = ("flatten", "batch")
+_ADAMW_BETAS = (0.9, 0.95)
+_ADAMW_EPS = 1e-8
+_UNSUPPORTED = ("kahan_summation", "state_dtype", "weight_decay_mode")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# ---- the math --------------------------------------------------------------------------------
+def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Orthogonalises each matrix of the stack ``x`` (``[n, rows, cols]``) as torch.optim.Muon's
+    ``_zeropower_via_newtonschulz`` does one matrix: in bf16, on the wide orientation
+    (transposed when rows > cols), after dividing by the Frobenius norm clamped at ``eps``.
+    Every iteration is one ``bmm`` and two ``baddbmm`` calls for the whole stack."""
+    a, b, c = coefficients
+    x = x.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x.mT if tall else x
+
+
+def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """torch.optim.Muon's lr adjustment for a [rows, cols] matrix."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+def _matrix_shape(p: Tensor, shape_mode: str | None) -> tuple[int, int]:
+    """The [rows, cols] of the matrices Muon orthogonalises for ``p``."""
+    if p.ndim == 2 or shape_mode is None:
+        return p.shape[0], p.shape[1]
+    if shape_mode == "flatten":
+        return p.shape[0], math.prod(p.shape[1:])
+    return p.shape[-2], p.shape[-1]  # "batch": leading dims index the matrices
+
+
+# ---- the optimizer ---------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    group: int    # index of its param group
+    index: int    # index over all groups (keys stochastic rounding)
+    param: Tensor
+    grad: Tensor
+
+
+class Muon(torch.optim.Optimizer):
+    """Drop-in for :class:`torch.optim.Muon` that also trains the rest of the model.
+
+    Groups are Muon groups unless they set ``use_muon=False``: those are stepped as AdamW
+    with the group's ``lr``, ``betas`` (default ``(0.9, 0.95)``), ``eps`` (default ``1e-8``)
+    and ``weight_decay`` (the constructor's unless set), keeping torch AdamW's state. A Muon
+    group may set ``shape_mode="flatten"`` (a >2-D param is the matrix
+    ``[shape[0], prod(shape[1:])]``, e.g. conv kernels) or ``"batch"`` (a >2-D param is a
+    batch of matrices over its last two dims, e.g. MoE experts). See
+    :func:`muon_param_groups` to build the groups of a model.
+
+    Precision keywords: ``max_grad_norm`` (global clip over all grads; ``last_grad_norm``),
+    ``master_weights`` and ``stochastic_rounding`` (bf16/fp16 params; ``seed``) and
+    ``track_stats``. GradScaler is supported; ``p.grad`` is never written.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
+                 **precision):
+        _check_lr(lr)
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn is not None and adjust_lr_fn not in _ADJUST_LR_FNS:
+            raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+        _check_newton_schulz(ns_coefficients, ns_steps)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        defaults.update(_precision_options(**precision))
+        self.last_grad_norm: Tensor | None = None
+        self._last_stats = None
+        super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(Muon._remember_saved_state)
+        self.register_load_state_dict_post_hook(Muon._restore_saved_dtypes)
+
+    # ---- groups ------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Validates the group (torch's wording) before it joins; AdamW groups get their
+        own ``betas``/``eps`` defaults."""
+        group = param_group
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        group["params"] = params
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        use_muon = group.get("use_muon", True)
+        if not isinstance(use_muon, bool):
+            raise ValueError(f"use_muon must be True or False, got {use_muon!r}")
+        get = lambda k: group.get(k, self.defaults.get(k))  # noqa: E731
+        _check_lr(get("lr"))
+        if not 0.0 <= get("weight_decay"):
+            raise ValueError(f"weight decay should be >= 0 but is: {get('weight_decay')}")
+        if use_muon:
+            if not 0.0 <= get("momentum"):
+                raise ValueError(f"momentum should be >= 0 but is: {get('momentum')}")
+            if get("adjust_lr_fn") is not None and get("adjust_lr_fn") not in _ADJUST_LR_FNS:
+                raise ValueError(f"Adjust learning rate function {get('adjust_lr_fn')} is not supported")
+            _check_newton_schulz(get("ns_coefficients"), get("ns_steps"))
+            shape_mode = group.get("shape_mode")
+            if shape_mode is not None and shape_mode not in _SHAPE_MODES:
+                raise ValueError(f"Invalid shape_mode: {shape_mode!r} (None, 'flatten' or 'batch')")
+            for p in tensors:
+                if p.ndim != 2 and not (p.ndim > 2 and shape_mode is not None):
+                    raise ValueError(
+                        f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}")
+        else:
+            group.setdefault("betas", _ADAMW_BETAS)
+            group.setdefault("eps", _ADAMW_EPS)
+            beta1, beta2 = group["betas"]
+            if not 0.0 <= beta1 < 1.0:
+                raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+            if not 0.0 <= beta2 < 1.0:
+                raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+            if not 0.0 <= group["eps"]:
+                raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        mode = next((k for k in ("master_weights", "stochastic_rounding") if get(k)), None)
+        if mode is not None:
+            for p in tensors:
+                if p.dtype not in _LOW_PRECISION:
+                    raise ValueError(f"{mode}=True needs bfloat16 or float16 params, "
+                                     f"got a {p.dtype} param of shape {tuple(p.shape)}")
+                if mode == "stochastic_rounding" and p.dtype != torch.bfloat16:
+                    raise ValueError(f"stochastic_rounding=True needs bfloat16 params, got {p.dtype}")
+        super().add_param_group(group)
+
+    # ---- state dicts -------------------------------------------------------------------------
+    @staticmethod
+    def _remember_saved_state(optimizer, state_dict):
+        # torch's loader casts floating state to the param's dtype (an fp32 master copy of a
+        # bf16 param would be rounded); remember what was saved to undo that.
+        optimizer._saved = (state_dict["state"], [i for g in state_dict["param_groups"] for i in g["params"]])
+
+    @staticmethod
+    def _restore_saved_dtypes(optimizer):
+        saved, ids = optimizer.__dict__.pop("_saved")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        adamw = {p for g in optimizer.param_groups if not g.get("use_muon", True) for p in g["params"]}
+        for pid, p in zip(ids, params):
+            if pid not in saved or p not in optimizer.state:
+                continue
+            state = optimizer.state[p]
+            for key, value in saved[pid].items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "step":
+                    # AdamW keeps its step on the CPU as torch's for-loop AdamW does (read for
+                    # the bias correction without a device sync); Muon's (for SR) on the device.
+                    home = torch.device("cpu") if p in adamw else p.device
+                    state[key] = value.to(device=home, dtype=torch.float32)
+                elif value.dtype != state[key].dtype:
+                    state[key] = value.to(device=p.device)
+
+    # ---- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step (all groups)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        muon_entries, adamw_entries = self._collect()  # validates everything first
+        entries = muon_entries + adamw_entries
+        if not entries:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and adamw_entries and bool(found_inf):
+            # The AdamW kernel takes a host step count, so a skip must be known on the host
+            # (one sync on CUDA, none on the CPU); Muon-only optimizers never read it.
+            return loss
+        keep = None if (found_inf is None or adamw_entries) else 1.0 - found_inf.float()
+        self._create_state(muon_entries, adamw_entries)
+        factors = self._grad_factors(entries, grad_scale)
+        before = self._stats_begin(entries, grad_scale) if self.defaults.get("track_stats") else None
+        if muon_entries:
+            self._muon_step(muon_entries, factors, keep)
+        if adamw_entries:
+            self._adamw_step(adamw_entries, factors)
+        if before is not None:
+            self._stats_end(entries, before)
+        return loss
+
+    def _collect(self):
+        """(Muon entries, AdamW entries) of the params with grads; raises, before anything
+        changes, for anything the step cannot take."""
+        muon, adamw = [], []
+        k = 0
+        for gi, group in enumerate(self.param_groups):
+            use_muon = group.get("use_muon", True)
+            if use_muon:
+                _check_newton_schulz(group["ns_coefficients"], group["ns_steps"])
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    self._check(gi, j, p, p.grad, group, use_muon)
+                    (muon if use_muon else adamw).append(_Entry(gi, k, p, p.grad))
+                k += 1
+        return muon, adamw
+
+    def _label(self, gi: int, j: int, p: Tensor) -> str:
+        names = self.param_groups[gi].get("param_names")
+        name = f" '{names[j]}'" if names and j < len(names) else ""
+        return f"param {j}{name} of group {gi} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+
+    def _check(self, gi, j, p, g, group, use_muon):
+        label = self._label(gi, j, p)
+        if p.is_complex():
+            raise RuntimeError(f"{label}: Muon does not support complex parameters")
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{label}: Muon does not support sparse gradients")
+        if not p.is_floating_point():
+            raise ValueError(f"{label}: params must be floating point")
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            raise ValueError(f"{label}: grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{label}: device {p.device} is not supported (cpu, cuda)")
+        state = self.state.get(p, {})
+        master = bool(group.get("master_weights"))
+        mp = state.get("master_param")
+        if master and isinstance(mp, Tensor) and (mp.shape != p.shape or mp.dtype != torch.float32):
+            raise ValueError(f"{label}: state 'master_param' has shape {tuple(mp.shape)} and dtype {mp.dtype}, "
+                             f"expected {tuple(p.shape)} and torch.float32")
+        if use_muon:
+            if p.ndim != 2 and not (p.ndim > 2 and group.get("shape_mode") is not None):
+                raise ValueError(f"{label}: Muon only supports 2D parameters whereas we found a parameter "
+                                 f"with size: {p.size()}")
+            buf = state.get("momentum_buffer")
+            if isinstance(buf, Tensor) and (buf.shape != p.shape or buf.dtype not in (p.dtype, torch.float32)):
+                raise ValueError(f"{label}: state 'momentum_buffer' has shape {tuple(buf.shape)} and dtype "
+                                 f"{buf.dtype}, expected {tuple(p.shape)} and {p.dtype} or torch.float32")
+            return
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{label}: AdamW groups take float32, bfloat16 or float16 params, not {p.dtype}")
+        if not _dense(p):
+            raise ValueError(f"{label}: AdamW groups need params dense in memory (not a strided view)")
+        want = torch.float32 if master else p.dtype
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state.get(key)
+            if isinstance(t, Tensor) and (t.shape != p.shape or t.dtype != want):
+                raise ValueError(f"{label}: state '{key}' has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                                 f"expected {tuple(p.shape)} and {want}")
+        step = state.get("step")
+        if step is not None and not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)):
+            raise ValueError(f"{label}: state 'step' must be one number")
+
+    def _create_state(self, muon_entries, adamw_entries):
+        """Lazy state, after every param passed its checks."""
+        for e in muon_entries:
+            group, state = self.param_groups[e.group], self.state[e.param]
+            master = bool(group.get("master_weights"))
+            if "momentum_buffer" not in state:
+                dtype = torch.float32 if master else e.param.dtype
+                state["momentum_buffer"] = torch.zeros_like(e.param, dtype=dtype, memory_format=torch.preserve_format)
+            if master and "master_param" not in state:
+                state["master_param"] = e.param.detach().float()
+            if group.get("stochastic_rounding"):
+                step = state.get("step")
+                if not isinstance(step, Tensor) or step.device != e.param.device or step.dtype != torch.float32:
+                    state["step"] = torch.tensor(0.0 if step is None else float(step), device=e.param.device)
+        for e in adamw_entries:
+            group, state = self.param_groups[e.group], self.state[e.param]
+            master = bool(group.get("master_weights"))
+            step = state.get("step")
+            if not isinstance(step, Tensor) or step.device.type != "cpu" or step.dtype != torch.float32:
+                state["step"] = torch.tensor(0.0 if step is None else float(step))
+            dtype = torch.float32 if master else e.param.dtype
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in state:
+                    state[key] = torch.zeros_like(e.param, dtype=dtype, memory_format=torch.preserve_format)
+                elif state[key].stride() != e.param.stride():
+                    state[key] = torch.empty_like(e.param, dtype=dtype).copy_(state[key])
+            if master and "master_param" not in state:
+                state["master_param"] = e.param.detach().float()
+            elif master and state["master_param"].stride() != e.param.stride():
+                state["master_param"] = torch.empty_like(e.param, dtype=torch.float32).copy_(state["master_param"])
+
+    def _grad_factors(self, entries, grad_scale) -> dict:
+        """Per device, the 0-dim fp32 factor every grad is multiplied by (GradScaler's unscale
+        times the clip factor of ``max_grad_norm``), or nothing when there is none. No sync."""
+        max_norm = self.defaults.get("max_grad_norm")
+        devices = list(dict.fromkeys(e.param.device for e in entries))
+        if grad_scale is None and max_norm is None:
+            return {}
+        home = devices[0]
+        factor = torch.ones((), dtype=torch.float32, device=home)
+        if grad_scale is not None:
+            factor = grad_scale.to(home).double().reciprocal().float()
+        if max_norm is not None:
+            # torch.nn.utils.clip_grad_norm_'s arithmetic: the norm of the per-tensor norms.
+            norms = []
+            for d in devices:
+                grads = [e.grad for e in entries if e.param.device == d]
+                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).to(home))
+            total = torch.linalg.vector_norm(torch.stack(norms)) * factor
+            self.last_grad_norm = total
+            factor = factor * torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return {d: factor.to(d, non_blocking=True) for d in devices}
+
+    # ---- Muon --------------------------------------------------------------------------------
+    def _muon_step(self, entries, factors, keep):
+        # 1. Momentum and Nesterov blend, per (group, device, buffer dtype): foreach calls.
+        updates = {}
+        by_bucket = defaultdict(list)
+        for e in entries:
+            buf = self.state[e.param]["momentum_buffer"]
+            by_bucket[(e.group, e.param.device, buf.dtype)].append(e)
+        for (gi, device, dtype), bucket in by_bucket.items():
+            group = self.param_groups[gi]
+            bufs = [self.state[e.param]["momentum_buffer"] for e in bucket]
+            k = None if keep is None else keep.to(device)
+            grads = _prepared_grads([e.grad for e in bucket], dtype, factors.get(device), k)
+            weight = 1 - group["momentum"]
+            # torch.optim.Muon: buf.lerp_(grad, 1 - momentum); a skipped step lerps by 0.
+            torch._foreach_lerp_(bufs, grads, weight if k is None else weight * k)
+            blended = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            for e, u in zip(bucket, blended):
+                updates[id(e.param)] = u
+        # 2. Newton-Schulz per (device, matrix shape, NS settings, dtype): one stack for all.
+        by_shape = defaultdict(list)
+        for e in entries:
+            group = self.param_groups[e.group]
+            rows, cols = _matrix_shape(e.param, group.get("shape_mode"))
+            u = updates[id(e.param)]
+            key = (e.param.device, rows, cols, tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"],
+                   u.dtype)
+            by_shape[key].append(e)
+        work = {}  # id(param) -> fp32 work copy of a stochastically rounded bf16 param
+        for (device, rows, cols, coefficients, steps, eps, _), bucket in by_shape.items():
+            stack = torch.cat([updates[id(e.param)].reshape(-1, rows, cols) for e in bucket])
+            ortho = newton_schulz(stack, coefficients, steps, eps)
+            # 3. Weight decay and the scaled update, per group's run of the stack.
+            self._apply(bucket, ortho, rows, cols, keep, work)
+        self._write_back(entries, work)
+
+    def _targets(self, bucket, work):
+        """The tensors the update is added to: fp32 masters, fp32 work copies of SR params, or
+        the params themselves."""
+        out = []
+        for e in bucket:
+            group = self.param_groups[e.group]
+            if group.get("master_weights"):
+                out.append(self.state[e.param]["master_param"])
+            elif group.get("stochastic_rounding"):
+                out.append(work.setdefault(id(e.param), e.param.detach().float()))
+            else:
+                out.append(e.param)
+        return out
+
+    def _apply(self, bucket, ortho, rows, cols, keep, work):
+        # Entries arrive in group order, so each group's matrices are one slice of the stack.
+        runs = {}  # group -> [entries, first matrix, end]
+        offset = 0
+        for e in bucket:
+            n = e.param.numel() // (rows * cols)
+            run = runs.setdefault(e.group, [[], offset, offset])
+            run[0].append(e)
+            run[2] = offset + n
+            offset += n
+        for gi, (run, start, stop) in runs.items():
+            group = self.param_groups[gi]
+            device = run[0].param.device
+            targets = self._targets(run, work)
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                lr = lr.to(device, non_blocking=True)
+            k = None if keep is None else keep.to(device)
+            if group["weight_decay"] != 0:
+                decay = lr * group["weight_decay"]
+                if k is not None:
+                    decay = decay * k  # a skipped step multiplies by exactly 1
+                torch._foreach_mul_(targets, 1 - decay)
+            alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
+            if k is None and not isinstance(alpha, Tensor):
+                # torch's own `param.add_(update, alpha=-adjusted_lr)`, as one multi-tensor call.
+                pieces = _split_like(ortho[start:stop], run)
+                torch._foreach_add_(targets, pieces, alpha=alpha)
+                continue
+            if k is not None:
+                alpha = alpha * k  # a skipped step adds exactly 0
+            dtype = torch.promote_types(targets[0].dtype, torch.float32)
+            scaled = ortho[start:stop].to(dtype, memory_format=torch.contiguous_format).mul_(alpha)
+            torch._foreach_add_(targets, _split_like(scaled, run))
+
+    def _write_back(self, entries, work):
+        """Masters are rounded to nearest into the params; SR work copies stochastically."""
+        masters = [(e.param, self.state[e.param]["master_param"]) for e in entries
+                   if self.param_groups[e.group].get("master_weights")]
+        if masters:
+            torch._foreach_copy_([p for p, _ in masters], [m for _, m in masters])
+        if not work:
+            return
+        by_device = defaultdict(list)
+        for e in entries:
+            if id(e.param) in work:
+                by_device[e.param.device].append(e)
+        for device, bucket in by_device.items():
+            steps = [self.state[e.param]["step"] for e in bucket]
+            torch._foreach_add_(steps, 1.0)
+            seeds = [self.param_groups[e.group]["seed"] for e in bucket]
+            _stochastic_round_into([e.param for e in bucket], [work[id(e.param)] for e in bucket],
+                                   seeds, [e.index for e in bucket], steps)
+
+    # ---- AdamW groups ------------------------------------------------------------------------
+    def _adamw_step(self, entries, factors):
+        buckets = defaultdict(list)
+        for e in entries:
+            group, state = self.param_groups[e.group], self.state[e.param]
+            lr = group["lr"]
+            lr = float(lr) if isinstance(lr, Tensor) else lr  # (a CUDA tensor lr syncs here)
+            master = bool(group.get("master_weights"))
+            key = (e.param.device, e.param.dtype, master, lr, tuple(group["betas"]), group["eps"],
+                   group["weight_decay"], int(state["step"]))
+            buckets[key].append(e)
+        for (device, dtype, master, lr, (beta1, beta2), eps, weight_decay, step), bucket in buckets.items():
+            states = [self.state[e.param] for e in bucket]
+            targets = [s["master_param"] for s in states] if master else [e.param for e in bucket]
+            grads = _prepared_grads([e.grad for e in bucket], targets[0].dtype, factors.get(device), None,
+                                    like=targets)
+            F.adamw_(targets, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                     step=step + 1, lr=lr, beta1=float(beta1), beta2=float(beta2), eps=eps,
+                     weight_decay=weight_decay)
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            if master:
+                torch._foreach_copy_([e.param for e in bucket], targets)
+
+    # ---- track_stats -------------------------------------------------------------------------
+    def _stats_begin(self, entries, grad_scale):
+        grads = [e.grad for e in entries]
+        sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2
+        before = [e.param.detach().float() for e in entries]
+        if grad_scale is not None:
+            sq = sq / grad_scale.double().to(sq.device) ** 2
+        return sq, before
+
+    def _stats_end(self, entries, begin):
+        grad_sq, before = begin
+        after = [e.param.detach().float() for e in entries]
+        diff = torch._foreach_sub(after, before)
+        per_entry = [torch.stack(torch._foreach_norm(x, 2)).double() ** 2 for x in (after, diff, before)]
+        n = len(self.param_groups)
+        home = entries[0].param.device
+        index = torch.tensor([e.group for e in entries], device=home)
+        sums = torch.zeros((4, n), dtype=torch.float64, device=home)
+        for row, values in enumerate([grad_sq] + per_entry):
+            sums[row].index_add_(0, index, values.to(home))
+        roots = sums.sqrt()
+        ratio = roots[2] / roots[3]
+        self._last_stats = [{"grad_norm": roots[0, i].float(), "param_norm": roots[1, i].float(),
+                             "update_ratio": ratio[i].float()} for i in range(n)]
+
+    def stats(self) -> list[dict]:
+        """Per param group, from the last step: ``grad_norm`` (after unscaling, before
+        clipping), ``param_norm`` (after the step), ``update_ratio``
+        (||p_after - p_before|| / ||p_before||), 0-dim fp32 tensors; needs ``track_stats=True``."""
+        if not self.defaults.get("track_stats"):
+            raise RuntimeError("stats() needs the optimizer to be built with track_stats=True")
+        if self._last_stats is None:
+            raise RuntimeError("stats() is available after the first step()")
+        return self._last_stats
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _check_lr(lr) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        value = float(lr) if lr.device.type == "cpu" else 0.0  # (construction only: no sync on CUDA)
+    else:
+        value = lr
+    if not 0.0 <= value:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+
+
+def _check_newton_schulz(coefficients, steps) -> None:
+    if isinstance(steps, int) and steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"Invalid ns_steps value: {steps} (an int >= 0)")
+    if len(coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+
+
+def _precision_options(max_grad_norm=None, master_weights=False, stochastic_rounding=False, seed=None,
+                       track_stats=False, **other) -> dict:
+    for key in _UNSUPPORTED:
+        if key in other:
+            if other[key] in (None, False):
+                other.pop(key)
+                continue
+            raise ValueError(f"{key} is not supported by fusedopt.Muon")
+    if other:
+        raise TypeError(f"Muon.__init__() got an unexpected keyword argument '{next(iter(other))}'")
+    out = {}
+    if master_weights and stochastic_rounding:
+        raise ValueError("master_weights and stochastic_rounding are mutually exclusive: choose one precision path")
+    if max_grad_norm is not None:
+        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (a finite number > 0)")
+        out["max_grad_norm"] = float(max_grad_norm)
+    if master_weights:
+        out["master_weights"] = True
+    if stochastic_rounding:
+        out["stochastic_rounding"] = True
+        seed = torch.initial_seed() if seed is None else seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"Invalid seed value: {seed} (a non-negative int)")
+        out["seed"] = seed % (1 << 63)
+    elif seed is not None:
+        raise ValueError("seed is only used with stochastic_rounding=True")
+    if track_stats:
+        out["track_stats"] = True
+    return out
+
+
+def _dense(t: Tensor) -> bool:
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _prepared_grads(grads, dtype, factor, keep, like=None):
+    """The grads as the update uses them, never written in place: in ``dtype``, times
+    ``factor`` (unscale and clip), and zeroed where ``keep`` is 0 (a GradScaler-skipped step:
+    an inf/NaN grad times 0 would still be NaN). One flat buffer and O(1) ops per bucket.
+    ``like`` gives the layouts the results must have (default: the grads')."""
+    if factor is None and keep is None and all(g.dtype == dtype for g in grads):
+        if like is None or all(g.stride() == t.stride() for g, t in zip(grads, like)):
+            return grads
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(dtype)
+    if factor is not None:
+        flat = flat * factor.to(dtype)
+    if keep is not None:
+        flat = torch.where(keep.bool(), flat, 0)
+    like = grads if like is None else like
+    out = []
+    for piece, t in zip(flat.split([g.numel() for g in grads]), like):
+        out.append(piece.view(t.shape) if t.is_contiguous() else torch.empty_like(t, dtype=dtype).copy_(piece.view(t.shape)))
+    return out
+
+
+def _split_like(stack: Tensor, run) -> list[Tensor]:
+    """Splits a stack of matrices into one tensor per entry, in the param's shape."""
+    out, at = [], 0
+    for e in run:
+        n = e.param.numel() // (stack.shape[1] * stack.shape[2])
+        piece = stack[at:at + n]
+        out.append(piece.view(e.param.shape) if piece.is_contiguous() else piece.reshape(e.param.shape))
+        at += n
+    return out
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A xorshift-multiply 32-bit integer hash on int64 tensors holding values < 2**32: the
+    multipliers are < 2**31, so no product overflows."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x4C8CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _stochastic_round_into(params, works, seeds, indices, steps):
+    """Writes the fp32 ``works`` into the bf16 ``params`` with stochastic rounding whose random
+    bits are a pure function of (seed, param index, step, element index), on the device and
+    without a host sync: add 16 random bits below the bf16 mantissa, then truncate."""
+    device = params[0].device
+    sizes = [w.numel() for w in works]
+    flat = torch.cat([w.reshape(-1) for w in works])
+    numels = torch.tensor(sizes, device=device)
+    owner = torch.repeat_interleave(torch.arange(len(works), device=device), numels)
+    element = torch.arange(flat.numel(), device=device) - (torch.cumsum(numels, 0) - numels)[owner]
+    seed = torch.tensor([(s & _MASK32) ^ (s >> 32 & _MASK32) for s in seeds], device=device)
+    key = _mix32(seed ^ _mix32(torch.tensor(indices, device=device)))
+    key = _mix32(key ^ torch.stack(steps).to(device).long())
+    bits = _mix32(key[owner] ^ _mix32(element & _MASK32)) & 0xFFFF
+    as_int = flat.view(torch.int32).long()
+    # Sign-magnitude: adding to the pattern rounds the magnitude up with probability
+    # (dropped bits) / 2**16; the result stays within int32 for every finite float.
+    rounded = torch.where(torch.isfinite(flat), (as_int + bits) & ~0xFFFF, as_int).to(torch.int32)
+    result = rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+    torch._foreach_copy_(params, [piece.view(p.shape) for piece, p in zip(result.split(sizes), params)])
+
+
+# ---- param groups for a model ----------------------------------------------------------------
+def muon_param_groups(module: nn.Module, lr: float, weight_decay: float = 0.1, adamw_lr: float | None = None,
+                      no_muon=(nn.Embedding,)) -> list[dict]:
+    """Param groups that train a whole model with one :class:`Muon`.
+
+    Matrices (params with >= 2 dims) go to Muon, except the params of modules of the
+    ``no_muon`` classes and of the output layer: the ``nn.Linear`` whose weight is tied to an
+    ``nn.Embedding`` if there is one, else the last ``nn.Linear`` in ``module.modules()``
+    order. Everything else (biases, norms, embeddings, the head) goes to a ``use_muon=False``
+    (AdamW) group at ``adamw_lr`` (default ``lr``). Params with more than 2 dims (conv kernels)
+    get their own Muon group with ``shape_mode="flatten"``. Every trainable param appears once
+    (tied params once); frozen ones are left out; empty groups are omitted.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    classes = (no_muon,) if isinstance(no_muon, type) else tuple(no_muon)
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    tied = [m for m in linears if id(m.weight) in embeddings]
+    head = tied[0] if tied else (linears[-1] if linears else None)
+    excluded = set()
+    for m in module.modules():
+        if isinstance(m, classes) or m is head:
+            excluded.update(id(p) for p in m.parameters(recurse=False))
+    matrices, kernels, rest = [], [], []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in excluded:
+            rest.append(p)
+        else:
+            (matrices if p.ndim == 2 else kernels).append(p)
+    groups = [
+        dict(params=matrices, lr=lr, weight_decay=weight_decay),
+        dict(params=kernels, lr=lr, weight_decay=weight_decay, shape_mode="flatten"),
+        dict(params=rest, lr=lr if adamw_lr is None else adamw_lr, weight_decay=weight_decay, use_muon=False),
+    ]
+    return [g for g in groups if g["params"]]
