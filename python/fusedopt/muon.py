@@ -464,7 +464,7 @@ class Muon(torch.optim.Optimizer):
     def _stats_begin(self, entries, grad_scale):
         grads = [e.grad for e in entries]
         sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2
-        before = [e.param.detach().float() for e in entries]
+        before = [e.param.detach().to(torch.float32, copy=True) for e in entries]
         if grad_scale is not None:
             sq = sq / grad_scale.double().to(sq.device) ** 2
         return sq, before
