@@ -35,7 +35,7 @@ def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int =
     (transposed when rows > cols), after dividing by the Frobenius norm clamped at ``eps``.
     Every iteration is one ``bmm`` and two ``baddbmm`` calls for the whole stack."""
     a, b, c = coefficients
-    x = x.bfloat16()
+    x = x.to(torch.bfloat16)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -363,7 +363,10 @@ class Muon(torch.optim.Optimizer):
             by_shape[key].append(e)
         work = {}  # id(param) -> fp32 work copy of a stochastically rounded bf16 param
         for (device, rows, cols, coefficients, steps, eps, _), bucket in by_shape.items():
-            stack = torch.cat([updates[id(e.param)].reshape(-1, rows, cols) for e in bucket])
+            # Written straight into one bf16 stack (the rounding torch's `.bfloat16()` does).
+            count = sum(e.param.numel() for e in bucket) // (rows * cols)
+            stack = torch.empty((count, rows, cols), dtype=torch.bfloat16, device=device)
+            torch._foreach_copy_(_split_like(stack, bucket), [updates[id(e.param)] for e in bucket])
             ortho = newton_schulz(stack, coefficients, steps, eps)
             # 3. Weight decay and the scaled update, per group's run of the stack.
             self._apply(bucket, ortho, rows, cols, keep, work)
