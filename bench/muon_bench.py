@@ -11,6 +11,8 @@ Newton-Schulz matmuls (the same batched NS timed alone on the same stacks).
 Usage: ``python bench/muon_bench.py [--json bench/results/muon_cpu.json]``. Runs two
 configurations: the issue's 4-layer d=256 stack (3.1M params) and an 8-layer d=512 stack
 (25M params). ``--device cuda`` runs it on a GPU (with synchronisation around each timing).
+On a CPU shared with other jobs, ``--threads 1`` avoids OpenMP stragglers (a parallel region
+waits for its slowest thread, which a busy core delays by whole scheduler slices).
 """
 from __future__ import annotations
 
@@ -96,10 +98,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--configs", default="4x256,8x512", help="comma-separated LAYERSxD_MODEL")
     ap.add_argument("--json", default=None, help="default: bench/results/muon_<device>.json")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     results = [bench_config(layers, d, args.rounds, args.steps, device) for layers, d in configs]
     out = {

@@ -39,7 +39,8 @@ def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int =
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    # (contiguous: a transposed operand takes a slower GEMM path on the first iteration)
+    x = (x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)).contiguous()
     for _ in range(steps):
         gram = torch.bmm(x, x.mT)
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
