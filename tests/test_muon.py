@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
 import fusedopt
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, assert_close
 
 NS = ((3.4445, -4.775, 2.0315), 5, 1e-7)
 # Rows > cols, rows < cols, square, a repeated shape (so a shape group has several matrices).
@@ -65,6 +65,21 @@ def test_parity_with_torch_muon(nesterov, adjust_lr_fn):
         torch.testing.assert_close(f.state[a]["momentum_buffer"], r.state[b]["momentum_buffer"], **FP32)
         assert set(f.state[a]) == {"momentum_buffer"}
     assert (got[0] - make()[0]).abs().max() > 0.01  # the params did move
+
+
+def test_bf16_params_match_torch_muon():
+    ref, got = make(dtype=torch.bfloat16), make(dtype=torch.bfloat16)
+    grads = grads_for(ref, 10)
+    r = torch.optim.Muon(groups_of(ref), lr=0.02)
+    f = fusedopt.Muon(groups_of(got), lr=0.02)
+    train(r, ref, grads)
+    train(f, got, grads)
+    for a, b in zip(got, ref):
+        # The same bf16 ops as torch (decay, then the add, each rounded once): bf16 table of
+        # conftest (2 ulps), measured bit-equal here. A decay factor rounded to bf16
+        # (0.998 -> 0.9961, what a Python scalar in a foreach call does) fails this.
+        assert_close(a.detach(), b.detach(), msg="bf16 param")
+        assert_close(f.state[a]["momentum_buffer"], r.state[b]["momentum_buffer"], msg="bf16 buffer")
 
 
 def test_tensor_lr_matches_float_lr():
@@ -391,6 +406,40 @@ def test_master_weights_match_fp32_muon_rounded():
     again = fusedopt.Muon(got, lr=0.02, master_weights=True)
     again.load_state_dict(opt.state_dict())
     assert again.state[got[0]]["master_param"].dtype == torch.float32
+
+
+def test_master_weights_in_adamw_groups():
+    got = make([(6,), (4, 3)], dtype=torch.bfloat16, seed=2)
+    ref = [nn.Parameter(p.detach().float()) for p in got]
+    grads = grads_for(got, 6)
+    opt = fusedopt.Muon([dict(params=got, use_muon=False)], lr=0.01, master_weights=True)
+    train(opt, got, grads)
+    r = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    train(r, ref, [[g.float() for g in gs] for gs in grads])
+    for x, y in zip(got, ref):
+        s = opt.state[x]
+        assert s["master_param"].dtype == s["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(s["master_param"], y.detach())  # fp32 kernel vs torch: a few ulps
+        assert_close(x.detach(), y.detach().bfloat16(), msg="bf16 param = master rounded")
+    with pytest.raises(ValueError, match="stochastic_rounding=True is not supported in use_muon=False"):
+        fusedopt.Muon([dict(params=got, use_muon=False)], stochastic_rounding=True)
+
+
+def test_one_batched_matmul_per_shape_group_and_iteration(monkeypatch):
+    calls = {"bmm": 0, "baddbmm": 0}
+    for name in calls:
+        original = getattr(torch, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counted)
+    params = make([(24, 8)] * 6 + [(8, 24)] * 5 + [(16, 16)] * 4)
+    opt = fusedopt.Muon(params, ns_steps=5)
+    train(opt, params, grads_for(params, 1))
+    # 3 shape groups x 5 iterations: one bmm and two baddbmm each, whatever the param count.
+    assert calls == {"bmm": 15, "baddbmm": 30}
 
 
 def test_stochastic_rounding_is_deterministic_and_resumes():

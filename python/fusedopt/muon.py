@@ -153,6 +153,10 @@ class Muon(torch.optim.Optimizer):
             if not 0.0 <= group["eps"]:
                 raise ValueError(f"Invalid epsilon value: {group['eps']}")
         mode = next((k for k in ("master_weights", "stochastic_rounding") if get(k)), None)
+        if mode == "stochastic_rounding" and not use_muon and tensors:
+            # functional.adamw_ rounds to nearest and wants moments of the param's dtype.
+            raise ValueError("stochastic_rounding=True is not supported in use_muon=False (AdamW) groups; "
+                             "use master_weights=True")
         if mode is not None:
             for p in tensors:
                 if p.dtype not in _LOW_PRECISION:
@@ -409,7 +413,13 @@ class Muon(torch.optim.Optimizer):
                 decay = lr * group["weight_decay"]
                 if k is not None:
                     decay = decay * k  # a skipped step multiplies by exactly 1
-                torch._foreach_mul_(targets, 1 - decay)
+                factor = 1 - decay
+                if not isinstance(factor, Tensor):
+                    # A Python scalar would be rounded to a bf16/fp16 target's dtype by the
+                    # foreach kernel (0.998 -> 0.9961); torch's `p.mul_(1 - lr*wd)` keeps it
+                    # in fp32, as a 0-dim fp32 tensor does here.
+                    factor = torch.tensor(factor, dtype=torch.float32, device=device)
+                torch._foreach_mul_(targets, factor)
             alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
             if k is None and not isinstance(alpha, Tensor):
                 # torch's own `param.add_(update, alpha=-adjusted_lr)`, as one multi-tensor call.
