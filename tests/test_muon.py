@@ -342,6 +342,20 @@ def test_found_inf_skips_everything(with_adamw):
     assert (params[0] - snap[0][0]).abs().max() > 0  # a real step moves again
 
 
+def test_found_inf_skips_stochastic_rounding_step():
+    params = make(dtype=torch.bfloat16)
+    opt = fusedopt.Muon(params, lr=0.02, stochastic_rounding=True, seed=1)
+    grads = grads_for(params, 2)
+    train(opt, params, grads[:1])
+    snap = snapshot(opt, params)
+    for p, g in zip(params, grads[1]):
+        p.grad = g.clone()
+    params[1].grad[0, 0] = float("inf")
+    opt.grad_scale, opt.found_inf = None, torch.tensor(2.0)  # GradScaler sums over devices
+    opt.step()
+    assert_unchanged(opt, params, snap)  # params, momentum and the SR step count
+
+
 def test_grad_scaler_matches_unscaled_reference_and_leaves_grads():
     ref, got = make(), make()
     grads = grads_for(ref, 4)

@@ -211,7 +211,8 @@ class Muon(torch.optim.Optimizer):
             # The AdamW kernel takes a host step count, so a skip must be known on the host
             # (one sync on CUDA, none on the CPU); Muon-only optimizers never read it.
             return loss
-        keep = None if (found_inf is None or adamw_entries) else 1.0 - found_inf.float()
+        # (GradScaler sums found_inf over devices: any non-zero value means skip)
+        keep = None if (found_inf is None or adamw_entries) else (found_inf == 0).float()
         self._create_state(muon_entries, adamw_entries)
         factors = self._grad_factors(entries, grad_scale)
         before = self._stats_begin(entries, grad_scale) if self.defaults.get("track_stats") else None
@@ -375,7 +376,7 @@ class Muon(torch.optim.Optimizer):
             ortho = newton_schulz(stack, coefficients, steps, eps)
             # 3. Weight decay and the scaled update, per group's run of the stack.
             self._apply(bucket, ortho, rows, cols, keep, work)
-        self._write_back(entries, work)
+        self._write_back(entries, work, keep)
 
     def _targets(self, bucket, work):
         """The tensors the update is added to: fp32 masters, fp32 work copies of SR params, or
@@ -432,7 +433,7 @@ class Muon(torch.optim.Optimizer):
             scaled = ortho[start:stop].to(dtype, memory_format=torch.contiguous_format).mul_(alpha)
             torch._foreach_add_(targets, _split_like(scaled, run))
 
-    def _write_back(self, entries, work):
+    def _write_back(self, entries, work, keep):
         """Masters are rounded to nearest into the params; SR work copies stochastically."""
         masters = [(e.param, self.state[e.param]["master_param"]) for e in entries
                    if self.param_groups[e.group].get("master_weights")]
@@ -446,7 +447,8 @@ class Muon(torch.optim.Optimizer):
                 by_device[e.param.device].append(e)
         for device, bucket in by_device.items():
             steps = [self.state[e.param]["step"] for e in bucket]
-            torch._foreach_add_(steps, 1.0)
+            # (a skipped step leaves the count, and SR of the unchanged values is exact)
+            torch._foreach_add_(steps, 1.0 if keep is None else keep.to(device))
             seeds = [self.param_groups[e.group]["seed"] for e in bucket]
             _stochastic_round_into([e.param for e in bucket], [work[id(e.param)] for e in bucket],
                                    seeds, [e.index for e in bucket], steps)
