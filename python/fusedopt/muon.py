@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as F
@@ -46,6 +47,23 @@ def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int =
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, gram_update, x, beta=a)
     return x.mT if tall else x
+
+
+def _shared_newton_schulz(stack: Tensor, coefficients, steps: int, eps: float, group) -> Tensor:
+    """``newton_schulz(stack)`` with the matrices split over the ranks of ``group``: rank r
+    orthogonalises matrices [r*share, (r+1)*share) of its (replicated) stack, and one
+    ``all_gather`` assembles the result on every rank."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    count = stack.shape[0]
+    share = -(-count // world)
+    mine = stack[min(rank * share, count):min((rank + 1) * share, count)]
+    out = torch.zeros((share, *stack.shape[1:]),
+                      dtype=torch.bfloat16, device=stack.device)
+    if mine.shape[0]:
+        out[:mine.shape[0]] = newton_schulz(mine, coefficients, steps, eps)
+    gathered = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(gathered, out, group=group)
+    return torch.cat(gathered)[:count]
 
 
 def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -89,13 +107,20 @@ class Muon(torch.optim.Optimizer):
     Precision keywords: ``max_grad_norm`` (global clip over all grads; ``last_grad_norm``),
     ``master_weights`` and ``stochastic_rounding`` (bf16/fp16 params; ``seed``) and
     ``track_stats``. GradScaler is supported; ``p.grad`` is never written.
+
+    ``process_group`` (replicated params, e.g. under DDP, whose grads are the same on every
+    rank): the ranks of the group split the Newton-Schulz work, each orthogonalising a
+    contiguous share of every shape group's matrices, and one ``all_gather`` per shape group
+    brings the results to every rank. The params after a step equal those of a
+    single-process step bit for bit (each matrix's GEMMs do not depend on what else is in the
+    batch). Every rank must call ``step()`` with the same params having grads.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
-                 **precision):
+                 *, process_group=None, **precision):
         _check_lr(lr)
         if not 0.0 <= momentum:
             raise ValueError(f"momentum should be >= 0 but is: {momentum}")
@@ -107,6 +132,9 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         defaults.update(_precision_options(**precision))
+        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group needs torch.distributed to be initialized")
+        self.process_group = process_group
         self.last_grad_norm: Tensor | None = None
         self._last_stats = None
         super().__init__(params, defaults)
@@ -373,7 +401,10 @@ class Muon(torch.optim.Optimizer):
             count = sum(e.param.numel() for e in bucket) // (rows * cols)
             stack = torch.empty((count, rows, cols), dtype=torch.bfloat16, device=device)
             torch._foreach_copy_(_split_like(stack, bucket), [updates[id(e.param)] for e in bucket])
-            ortho = newton_schulz(stack, coefficients, steps, eps)
+            if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
+                ortho = _shared_newton_schulz(stack, coefficients, steps, eps, self.process_group)
+            else:
+                ortho = newton_schulz(stack, coefficients, steps, eps)
             # 3. Weight decay and the scaled update, per group's run of the stack.
             self._apply(bucket, ortho, rows, cols, keep, work)
         self._write_back(entries, work, keep)

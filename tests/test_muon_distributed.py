@@ -1,0 +1,139 @@
+"""fusedopt.Muon(process_group=...) on 2 gloo ranks (CPU): replicated params (as under DDP)
+split the Newton-Schulz work, and the params equal a single-process fusedopt.Muon bit for bit.
+
+Each spawned rank runs the check itself; a failing assertion in a rank fails the test with
+that rank's traceback."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+# Three matrices of one shape (an odd count: rank 0 does 2, rank 1 does 1), two of another,
+# one alone (rank 1 has nothing to do for it), a tall and a wide one.
+SHAPES = [(24, 8), (24, 8), (24, 8), (8, 40), (8, 40), (16, 16)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, port, queue):
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    try:
+        store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+        fn(rank)
+        dist.barrier()
+        dist.destroy_process_group()
+        queue.put((rank, None))
+    except BaseException as e:  # noqa: BLE001  (reported to the parent, which fails the test)
+        import traceback
+        queue.put((rank, traceback.format_exc()))
+    queue.close()
+    queue.join_thread()  # (os._exit would drop a message still in the queue's feeder thread)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip C++ static destructors of gloo threads (intermittent aborts at exit)
+
+
+def launch(fn, timeout=120):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(rank, fn, port, queue)) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(results) < WORLD:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"{fn.__name__} did not finish in {timeout} s")
+            try:
+                rank, error = queue.get(timeout=min(remaining, 1.0))
+            except Exception:  # queue.Empty
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    pytest.fail(f"a rank died: exit codes {[p.exitcode for p in procs]}")
+                continue
+            results[rank] = error
+            if error:  # the other rank may now wait in a collective forever
+                pytest.fail(f"rank {rank} failed:\n{error}")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    for rank, error in sorted(results.items()):
+        if error:
+            pytest.fail(f"rank {rank} failed:\n{error}")
+
+
+def _make(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    muon = [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    adamw = [nn.Parameter(torch.randn(7, generator=g))]
+    return muon, adamw
+
+
+def _run(process_group, steps=5):
+    import fusedopt
+    muon, adamw = _make()
+    opt = fusedopt.Muon([dict(params=muon), dict(params=adamw, use_muon=False, lr=1e-2)], lr=0.02,
+                        process_group=process_group)
+    g = torch.Generator().manual_seed(1)  # the same grads on every rank: what DDP's all-reduce leaves
+    for _ in range(steps):
+        for p in muon + adamw:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return muon + adamw, opt
+
+
+def _check_split_equals_single_process(rank):
+    import fusedopt
+    from fusedopt import muon as muon_module
+    sizes = []
+    original = muon_module.newton_schulz
+
+    def recording(stack, *args):
+        sizes.append(tuple(stack.shape))
+        return original(stack, *args)
+
+    muon_module.newton_schulz = recording
+    try:
+        split, opt = _run(dist.group.WORLD)
+    finally:
+        muon_module.newton_schulz = original
+    single, ref = _run(None)
+    for a, b in zip(split, single):
+        assert torch.equal(a.detach(), b.detach()), (a - b).abs().max()
+    for a, b in zip(split[:len(SHAPES)], single[:len(SHAPES)]):
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+    # Each rank orthogonalised only its share of each shape group, every step.
+    per_step = {0: [(2, 24, 8), (1, 8, 40), (1, 16, 16)], 1: [(1, 24, 8), (1, 8, 40)]}[rank]
+    assert sizes == per_step * 5, sizes
+
+
+def test_replicated_params_split_newton_schulz_and_match_single_process():
+    launch(_check_split_equals_single_process)
+
+
+def test_process_group_needs_initialized_distributed():
+    import fusedopt
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("this process already runs torch.distributed")
+    with pytest.raises(ValueError, match="process_group needs torch.distributed to be initialized"):
+        fusedopt.Muon([nn.Parameter(torch.zeros(2, 2))], process_group=object())
