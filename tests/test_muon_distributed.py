@@ -1,5 +1,7 @@
-"""fusedopt.Muon(process_group=...) on 2 gloo ranks (CPU): replicated params (as under DDP)
-split the Newton-Schulz work, and the params equal a single-process fusedopt.Muon bit for bit.
+"""fusedopt.Muon on 2 gloo ranks (CPU): replicated params (as under DDP, with
+``process_group=``) and FSDP2 ``fully_shard`` params (DTensor ``Shard(0)``, uneven shards
+included) orthogonalise each matrix on exactly one rank, and the params equal a single-process
+fusedopt.Muon bit for bit (the same grads on every rank, so FSDP2's mean grad is exact).
 
 Each spawned rank runs the check itself; a failing assertion in a rank fails the test with
 that rank's traceback."""
@@ -137,3 +139,73 @@ def test_process_group_needs_initialized_distributed():
         pytest.skip("this process already runs torch.distributed")
     with pytest.raises(ValueError, match="process_group needs torch.distributed to be initialized"):
         fusedopt.Muon([nn.Parameter(torch.zeros(2, 2))], process_group=object())
+
+
+class _Net(nn.Module):
+    """Uneven shards included: 7 and 9 rows over 2 ranks are 4+3 and 5+4."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 7), nn.Linear(7, 9), nn.Linear(9, 8), nn.Linear(8, 8),
+                                     nn.Linear(8, 8)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def _train_net(model, opt, steps=4):
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=g)  # the same batch on every rank: FSDP2's mean grad is exact
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def _check_fsdp2_equals_single_process(rank):
+    import fusedopt
+    from fusedopt import muon as muon_module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    reference = _Net()
+    model = _Net()
+    model.load_state_dict(reference.state_dict())
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sizes = []
+    original = muon_module.newton_schulz
+
+    def recording(stack, *args):
+        sizes.append(stack.shape[0])
+        return original(stack, *args)
+
+    muon_module.newton_schulz = recording
+    try:
+        opt = fusedopt.Muon(fusedopt.muon_param_groups(model, lr=0.02, adamw_lr=1e-2), lr=0.02)
+        _train_net(model, opt)
+    finally:
+        muon_module.newton_schulz = original
+    ref_opt = fusedopt.Muon(fusedopt.muon_param_groups(reference, lr=0.02, adamw_lr=1e-2), lr=0.02)
+    _train_net(reference, ref_opt)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert isinstance(p, DTensor)
+        full = p.full_tensor()
+        assert torch.equal(full, q.detach()), (name, (full - q).abs().max())
+    buf = opt.state[model.layers[1].weight]["momentum_buffer"]
+    assert isinstance(buf, DTensor) and torch.equal(buf.full_tensor(),
+                                                    ref_opt.state[reference.layers[1].weight]["momentum_buffer"])
+    # Muon matrices [7,8], [9,7], [8,9] (one each: rank 0 does it) and two [8,8] (one per
+    # rank); the head is AdamW. Per step:
+    assert sizes == ([1, 1, 1, 1] if rank == 0 else [1]) * 4, sizes
+
+
+def test_fsdp2_params_match_single_process():
+    launch(_check_fsdp2_equals_single_process)

@@ -1,4 +1,5 @@
-"""Muon (orthogonalised momentum for weight matrices) with AdamW groups in the same optimizer.
+"""Muon (orthogonalised momentum for weight matrices) with AdamW groups in the same optimizer,
+single-process, DDP (``process_group=``) and FSDP2 (DTensor params).
 
 The math, state (``momentum_buffer``) and validation wording are ``torch.optim.Muon``'s; the
 speed comes from structure. Matrices of the same shape are stacked into one ``[n, rows, cols]``
@@ -16,6 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+try:  # DTensor (FSDP2 params) is public from torch 2.5 on
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None
 
 from . import functional as F
 
@@ -66,6 +72,51 @@ def _shared_newton_schulz(stack: Tensor, coefficients, steps: int, eps: float, g
     return torch.cat(gathered)[:count]
 
 
+def _is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t):
+    """A DTensor's local tensor (sharing its storage), or ``t`` itself."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _check_dtensor(label, p, g, group, defaults) -> None:
+    """What the FSDP2 path takes: dim-0 shards (torch.chunk sizes) on a 1-D mesh."""
+    if not _is_dtensor(g):
+        raise ValueError(f"{label}: a DTensor param needs a DTensor grad, got {type(g).__name__}")
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or tuple(g.placements) != (Shard(0),):
+        raise ValueError(f"{label}: DTensor params must be sharded on dim 0 over a 1-D mesh (FSDP2), got "
+                         f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
+    for key in ("max_grad_norm", "track_stats", "stochastic_rounding"):
+        if group.get(key, defaults.get(key)):
+            raise ValueError(f"{label}: {key} is not supported with DTensor (FSDP2) params yet")
+
+
+def _sharded_newton_schulz(local_updates, param, rows, cols, coefficients, steps, eps) -> list[Tensor]:
+    """FSDP2: the updates of same-shaped DTensor params (``Shard(0)``, local shards given)
+    are assembled whole with one ``all_gather``; each rank orthogonalises its share of the
+    matrices and a second ``all_gather`` returns them; each rank keeps its shard's rows."""
+    mesh = param.device_mesh
+    group = mesh.get_group()
+    world, rank = mesh.size(), mesh.get_local_rank()
+    full_rows = param.shape[0]
+    chunk = -(-full_rows // world)  # torch.chunk / Shard(0) sizes: chunk, ..., the rest, then 0
+    sizes = [max(0, min(full_rows, (r + 1) * chunk) - r * chunk) for r in range(world)]
+    rest = tuple(param.shape[1:])
+    n = len(local_updates)
+    local = torch.zeros((n, chunk, *rest), dtype=torch.bfloat16, device=local_updates[0].device)
+    if sizes[rank]:
+        torch._foreach_copy_(list(local[:, :sizes[rank]].unbind(0)), local_updates)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    full = torch.cat([g[:, :size] for g, size in zip(gathered, sizes)], dim=1)  # [n, rows, *rest]
+    ortho = _shared_newton_schulz(full.reshape(-1, rows, cols), coefficients, steps, eps, group)
+    start = sum(sizes[:rank])
+    mine = ortho.reshape(n, full_rows, *rest)[:, start:start + sizes[rank]]
+    return list(mine.unbind(0))
+
+
 def _lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     """torch.optim.Muon's lr adjustment for a [rows, cols] matrix."""
     if adjust_lr_fn is None or adjust_lr_fn == "original":
@@ -89,8 +140,9 @@ def _matrix_shape(p: Tensor, shape_mode: str | None) -> tuple[int, int]:
 class _Entry:
     group: int    # index of its param group
     index: int    # index over all groups (keys stochastic rounding)
-    param: Tensor
-    grad: Tensor
+    param: Tensor  # the param (the key of its state; a DTensor under FSDP2)
+    grad: Tensor   # its grad's local tensor
+    local: Tensor  # the param's local tensor: what the elementwise ops update
 
 
 class Muon(torch.optim.Optimizer):
@@ -114,6 +166,12 @@ class Muon(torch.optim.Optimizer):
     brings the results to every rank. The params after a step equal those of a
     single-process step bit for bit (each matrix's GEMMs do not depend on what else is in the
     batch). Every rank must call ``step()`` with the same params having grads.
+
+    FSDP2 (``fully_shard``: DTensor params sharded on dim 0 over a 1-D mesh) needs no keyword:
+    per group of same-shaped params, one ``all_gather`` assembles the whole updates, each rank
+    orthogonalises its share of the matrices, a second ``all_gather`` returns them and every
+    rank updates its shard; again equal, bit for bit, to a single-process step.
+    (``max_grad_norm``, ``track_stats`` and ``stochastic_rounding`` are not offered there yet.)
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
@@ -264,7 +322,7 @@ class Muon(torch.optim.Optimizer):
             for j, p in enumerate(group["params"]):
                 if p.grad is not None:
                     self._check(gi, j, p, p.grad, group, use_muon)
-                    (muon if use_muon else adamw).append(_Entry(gi, k, p, p.grad))
+                    (muon if use_muon else adamw).append(_Entry(gi, k, p, _local(p.grad), _local(p)))
                 k += 1
         return muon, adamw
 
@@ -285,6 +343,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"{label}: grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{label}: device {p.device} is not supported (cpu, cuda)")
+        if _is_dtensor(p):
+            _check_dtensor(label, p, g, group, self.defaults)
         state = self.state.get(p, {})
         master = bool(group.get("master_weights"))
         mp = state.get("master_param")
@@ -338,11 +398,11 @@ class Muon(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key not in state:
                     state[key] = torch.zeros_like(e.param, dtype=dtype, memory_format=torch.preserve_format)
-                elif state[key].stride() != e.param.stride():
+                elif not _is_dtensor(e.param) and state[key].stride() != e.param.stride():
                     state[key] = torch.empty_like(e.param, dtype=dtype).copy_(state[key])
             if master and "master_param" not in state:
                 state["master_param"] = e.param.detach().float()
-            elif master and state["master_param"].stride() != e.param.stride():
+            elif master and not _is_dtensor(e.param) and state["master_param"].stride() != e.param.stride():
                 state["master_param"] = torch.empty_like(e.param, dtype=torch.float32).copy_(state["master_param"])
 
     def _grad_factors(self, entries, grad_scale) -> dict:
@@ -374,10 +434,10 @@ class Muon(torch.optim.Optimizer):
         by_bucket = defaultdict(list)
         for e in entries:
             buf = self.state[e.param]["momentum_buffer"]
-            by_bucket[(e.group, e.param.device, buf.dtype)].append(e)
+            by_bucket[(e.group, e.local.device, buf.dtype)].append(e)
         for (gi, device, dtype), bucket in by_bucket.items():
             group = self.param_groups[gi]
-            bufs = [self.state[e.param]["momentum_buffer"] for e in bucket]
+            bufs = [_local(self.state[e.param]["momentum_buffer"]) for e in bucket]
             k = None if keep is None else keep.to(device)
             grads = _prepared_grads([e.grad for e in bucket], dtype, factors.get(device), k)
             weight = 1 - group["momentum"]
@@ -392,21 +452,28 @@ class Muon(torch.optim.Optimizer):
             group = self.param_groups[e.group]
             rows, cols = _matrix_shape(e.param, group.get("shape_mode"))
             u = updates[id(e.param)]
-            key = (e.param.device, rows, cols, tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"],
-                   u.dtype)
+            # FSDP2: same global shape and mesh, so every entry has the same shard on each rank.
+            sharded = (tuple(e.param.shape), e.param.device_mesh) if _is_dtensor(e.param) else None
+            key = (e.local.device, rows, cols, tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"],
+                   u.dtype, sharded)
             by_shape[key].append(e)
         work = {}  # id(param) -> fp32 work copy of a stochastically rounded bf16 param
-        for (device, rows, cols, coefficients, steps, eps, _), bucket in by_shape.items():
-            # Written straight into one bf16 stack (the rounding torch's `.bfloat16()` does).
-            count = sum(e.param.numel() for e in bucket) // (rows * cols)
-            stack = torch.empty((count, rows, cols), dtype=torch.bfloat16, device=device)
-            torch._foreach_copy_(_split_like(stack, bucket), [updates[id(e.param)] for e in bucket])
-            if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
-                ortho = _shared_newton_schulz(stack, coefficients, steps, eps, self.process_group)
+        for (device, rows, cols, coefficients, steps, eps, _, sharded), bucket in by_shape.items():
+            if sharded is not None:
+                pieces = _sharded_newton_schulz([updates[id(e.param)] for e in bucket], bucket[0].param, rows, cols,
+                                                coefficients, steps, eps)
             else:
-                ortho = newton_schulz(stack, coefficients, steps, eps)
-            # 3. Weight decay and the scaled update, per group's run of the stack.
-            self._apply(bucket, ortho, rows, cols, keep, work)
+                # Written straight into one bf16 stack (the rounding torch's `.bfloat16()` does).
+                count = sum(e.local.numel() for e in bucket) // (rows * cols)
+                stack = torch.empty((count, rows, cols), dtype=torch.bfloat16, device=device)
+                torch._foreach_copy_(_split_like(stack, bucket), [updates[id(e.param)] for e in bucket])
+                if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
+                    ortho = _shared_newton_schulz(stack, coefficients, steps, eps, self.process_group)
+                else:
+                    ortho = newton_schulz(stack, coefficients, steps, eps)
+                pieces = _split_like(ortho, bucket)
+            # 3. Weight decay and the scaled update, per group's run of the bucket.
+            self._apply(bucket, pieces, rows, cols, keep, work)
         self._write_back(entries, work, keep)
 
     def _targets(self, bucket, work):
@@ -416,27 +483,24 @@ class Muon(torch.optim.Optimizer):
         for e in bucket:
             group = self.param_groups[e.group]
             if group.get("master_weights"):
-                out.append(self.state[e.param]["master_param"])
+                out.append(_local(self.state[e.param]["master_param"]))
             elif group.get("stochastic_rounding"):
-                out.append(work.setdefault(id(e.param), e.param.detach().float()))
+                out.append(work.setdefault(id(e.param), e.local.detach().float()))
             else:
-                out.append(e.param)
+                out.append(e.local)
         return out
 
-    def _apply(self, bucket, ortho, rows, cols, keep, work):
-        # Entries arrive in group order, so each group's matrices are one slice of the stack.
-        runs = {}  # group -> [entries, first matrix, end]
-        offset = 0
-        for e in bucket:
-            n = e.param.numel() // (rows * cols)
-            run = runs.setdefault(e.group, [[], offset, offset])
-            run[0].append(e)
-            run[2] = offset + n
-            offset += n
-        for gi, (run, start, stop) in runs.items():
+    def _apply(self, bucket, pieces, rows, cols, keep, work):
+        """Weight decay, then ``target += -lr * ratio * piece`` for every entry (``pieces``: its
+        orthogonalised update, in the target's shape), one foreach call per group's run."""
+        runs = defaultdict(list)  # group -> [(entry, piece)]
+        for e, piece in zip(bucket, pieces):
+            runs[e.group].append((e, piece))
+        for gi, run in runs.items():
             group = self.param_groups[gi]
-            device = run[0].param.device
-            targets = self._targets(run, work)
+            device = run[0][0].local.device
+            targets = self._targets([e for e, _ in run], work)
+            pieces = [piece for _, piece in run]
             lr = group["lr"]
             if isinstance(lr, Tensor):
                 lr = lr.to(device, non_blocking=True)
@@ -455,18 +519,18 @@ class Muon(torch.optim.Optimizer):
             alpha = -lr * _lr_ratio(group["adjust_lr_fn"], rows, cols)
             if k is None and not isinstance(alpha, Tensor):
                 # torch's own `param.add_(update, alpha=-adjusted_lr)`, as one multi-tensor call.
-                pieces = _split_like(ortho[start:stop], run)
                 torch._foreach_add_(targets, pieces, alpha=alpha)
                 continue
             if k is not None:
                 alpha = alpha * k  # a skipped step adds exactly 0
             dtype = torch.promote_types(targets[0].dtype, torch.float32)
-            scaled = ortho[start:stop].to(dtype, memory_format=torch.contiguous_format).mul_(alpha)
-            torch._foreach_add_(targets, _split_like(scaled, run))
+            scaled = torch.cat([piece.reshape(-1) for piece in pieces]).to(dtype).mul_(alpha)
+            torch._foreach_add_(targets, [x.view(t.shape) for x, t in
+                                          zip(scaled.split([t.numel() for t in targets]), targets)])
 
     def _write_back(self, entries, work, keep):
         """Masters are rounded to nearest into the params; SR work copies stochastically."""
-        masters = [(e.param, self.state[e.param]["master_param"]) for e in entries
+        masters = [(e.local, _local(self.state[e.param]["master_param"])) for e in entries
                    if self.param_groups[e.group].get("master_weights")]
         if masters:
             torch._foreach_copy_([p for p, _ in masters], [m for _, m in masters])
@@ -475,7 +539,7 @@ class Muon(torch.optim.Optimizer):
         by_device = defaultdict(list)
         for e in entries:
             if id(e.param) in work:
-                by_device[e.param.device].append(e)
+                by_device[e.local.device].append(e)
         for device, bucket in by_device.items():
             steps = [self.state[e.param]["step"] for e in bucket]
             # (a skipped step leaves the count, and SR of the unchanged values is exact)
@@ -492,12 +556,12 @@ class Muon(torch.optim.Optimizer):
             lr = group["lr"]
             lr = float(lr) if isinstance(lr, Tensor) else lr  # (a CUDA tensor lr syncs here)
             master = bool(group.get("master_weights"))
-            key = (e.param.device, e.param.dtype, master, lr, tuple(group["betas"]), group["eps"],
+            key = (e.local.device, e.param.dtype, master, lr, tuple(group["betas"]), group["eps"],
                    group["weight_decay"], int(state["step"]))
             buckets[key].append(e)
         for (device, dtype, master, lr, (beta1, beta2), eps, weight_decay, step), bucket in buckets.items():
-            states = [self.state[e.param] for e in bucket]
-            targets = [s["master_param"] for s in states] if master else [e.param for e in bucket]
+            states = [{k: _local(v) for k, v in self.state[e.param].items()} for e in bucket]
+            targets = [s["master_param"] for s in states] if master else [e.local for e in bucket]
             grads = _prepared_grads([e.grad for e in bucket], targets[0].dtype, factors.get(device), None,
                                     like=targets)
             F.adamw_(targets, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -505,7 +569,7 @@ class Muon(torch.optim.Optimizer):
                      weight_decay=weight_decay)
             torch._foreach_add_([s["step"] for s in states], 1.0)
             if master:
-                torch._foreach_copy_([e.param for e in bucket], targets)
+                torch._foreach_copy_([e.local for e in bucket], targets)
 
     # ---- track_stats -------------------------------------------------------------------------
     def _stats_begin(self, entries, grad_scale):
@@ -629,9 +693,9 @@ def _split_like(stack: Tensor, run) -> list[Tensor]:
     """Splits a stack of matrices into one tensor per entry, in the param's shape."""
     out, at = [], 0
     for e in run:
-        n = e.param.numel() // (stack.shape[1] * stack.shape[2])
+        n = e.local.numel() // (stack.shape[1] * stack.shape[2])
         piece = stack[at:at + n]
-        out.append(piece.view(e.param.shape) if piece.is_contiguous() else piece.reshape(e.param.shape))
+        out.append(piece.view(e.local.shape) if piece.is_contiguous() else piece.reshape(e.local.shape))
         at += n
     return out
 
