@@ -45,9 +45,10 @@ def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int =
     x = x.to(torch.bfloat16)
     tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.mT
-    # (contiguous: a transposed operand takes a slower GEMM path on the first iteration)
-    x = (x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)).contiguous()
+        # (contiguous: a transposed operand takes slower GEMM and reduction paths)
+        x = x.mT.contiguous()
+    norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).clamp(min=eps)
+    x = x / norms[:, None, None]
     for _ in range(steps):
         gram = torch.bmm(x, x.mT)
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -79,6 +80,18 @@ def _is_dtensor(t) -> bool:
 def _local(t):
     """A DTensor's local tensor (sharing its storage), or ``t`` itself."""
     return t._local_tensor if _is_dtensor(t) else t
+
+
+class _Label:
+    """``param j 'name' of group gi (shape, dtype, device)``, built only when formatted."""
+
+    __slots__ = ("optimizer", "gi", "j", "p")
+
+    def __init__(self, optimizer, gi, j, p):
+        self.optimizer, self.gi, self.j, self.p = optimizer, gi, j, p
+
+    def __format__(self, spec) -> str:
+        return self.optimizer._label(self.gi, self.j, self.p)
 
 
 def _check_dtensor(label, p, g, group, defaults) -> None:
@@ -332,7 +345,7 @@ class Muon(torch.optim.Optimizer):
         return f"param {j}{name} of group {gi} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
 
     def _check(self, gi, j, p, g, group, use_muon):
-        label = self._label(gi, j, p)
+        label = _Label(self, gi, j, p)  # formatted only when a message needs it
         if p.is_complex():
             raise RuntimeError(f"{label}: Muon does not support complex parameters")
         if g.is_sparse or g.layout != torch.strided:
