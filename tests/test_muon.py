@@ -456,17 +456,19 @@ def test_one_batched_matmul_per_shape_group_and_iteration(monkeypatch):
     assert calls == {"bmm": 15, "baddbmm": 30}
 
 
-def test_cpu_cache_sized_batches_give_the_same_bits(monkeypatch):
-    # Three 24x8 matrices (192 elements each) with a 400-element budget: batches of 2 and 1.
+@pytest.mark.parametrize("budget, per_step", [(10 ** 9, [2, 1, 1, 1]), (200, [1, 1, 1, 1, 1])])
+def test_cpu_cache_sized_batches_give_the_same_bits(monkeypatch, budget, per_step):
+    # Shape groups: two 24x8 (192 elements each), 8x24, 16x16, 12x20. A 200-element budget
+    # splits the 24x8 pair into two batches; a batch always takes at least one param.
     ref, got = make(), make()
     grads = grads_for(ref, 4)
-    train(fusedopt.Muon(groups_of(ref), lr=0.02), ref, grads)
-    monkeypatch.setattr(fusedopt.muon, "CPU_BATCH_ELEMENTS", 400)
+    train(torch.optim.Muon(groups_of(ref), lr=0.02), ref, grads)
+    monkeypatch.setattr(fusedopt.muon, "CPU_BATCH_ELEMENTS", budget)
     sizes = []
     original = fusedopt.muon.newton_schulz
     monkeypatch.setattr(fusedopt.muon, "newton_schulz", lambda x, *a: sizes.append(x.shape[0]) or original(x, *a))
     train(fusedopt.Muon(groups_of(got), lr=0.02), got, grads)
-    assert max(sizes) == 2 and len(sizes) > 4 * 3  # (without the budget: 4 shape groups a step)
+    assert sizes == per_step * 4
     for a, b in zip(got, ref):
         assert_bits_equal(a.detach(), b.detach())
 
