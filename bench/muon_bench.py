@@ -60,11 +60,15 @@ def bench_config(layers, d, rounds, steps, device) -> dict:
     torch_params, fused_params = make_params(shapes, device), make_params(shapes, device)
     opts = {"torch.optim.Muon": torch.optim.Muon(torch_params, lr=0.02),
             "fusedopt.Muon": fusedopt.Muon(fused_params, lr=0.02)}
-    # The NS share: fusedopt's stacks (one per shape), orthogonalised alone.
+    # The NS share: fusedopt's stacks (one per shape; on the CPU, cut to its cache-sized
+    # batches as the step does), orthogonalised alone.
     stacks = {}
     for p in fused_params:
         stacks.setdefault(tuple(p.shape), []).append(p.grad)
     stacks = [torch.stack(v) for v in stacks.values()]
+    if device.type == "cpu":
+        per = [max(1, fusedopt.muon.CPU_BATCH_ELEMENTS // (s.shape[1] * s.shape[2])) for s in stacks]
+        stacks = [part for s, n in zip(stacks, per) for part in s.split(n)]
 
     def ns_only():
         for s in stacks:

@@ -342,9 +342,11 @@ def test_found_inf_skips_everything(with_adamw):
     assert (params[0] - snap[0][0]).abs().max() > 0  # a real step moves again
 
 
-def test_found_inf_skips_stochastic_rounding_step():
+@pytest.mark.parametrize("precision", [dict(stochastic_rounding=True, seed=1), dict(kahan_summation=True),
+                                       dict(master_weights=True)])
+def test_found_inf_skips_precision_paths(precision):
     params = make(dtype=torch.bfloat16)
-    opt = fusedopt.Muon(params, lr=0.02, stochastic_rounding=True, seed=1)
+    opt = fusedopt.Muon(params, lr=0.02, **precision)
     grads = grads_for(params, 2)
     train(opt, params, grads[:1])
     snap = snapshot(opt, params)
@@ -353,7 +355,7 @@ def test_found_inf_skips_stochastic_rounding_step():
     params[1].grad[0, 0] = float("inf")
     opt.grad_scale, opt.found_inf = None, torch.tensor(2.0)  # GradScaler sums over devices
     opt.step()
-    assert_unchanged(opt, params, snap)  # params, momentum and the SR step count
+    assert_unchanged(opt, params, snap)  # params, momentum, SR step / Kahan comp / master
 
 
 def test_grad_scaler_matches_unscaled_reference_and_leaves_grads():
@@ -473,6 +475,34 @@ def test_cpu_cache_sized_batches_give_the_same_bits(monkeypatch, budget, per_ste
         assert_bits_equal(a.detach(), b.detach())
 
 
+def test_kahan_summation_against_reference():
+    got = make(dtype=torch.bfloat16)
+    ref = [p.detach().clone() for p in got]
+    grads = grads_for(got, 8)
+    lr, wd, mu = 0.002, 0.1, 0.95  # updates near the bf16 spacing: the compensation matters
+    opt = fusedopt.Muon(got, lr=lr, weight_decay=wd, momentum=mu, kahan_summation=True)
+    train(opt, got, grads)
+    # Reference written here: torch's Muon math on bf16 params and buffers, the update made in
+    # fp32 from the param's value, then precision.h's store_kahan.
+    comps = [torch.zeros_like(p) for p in ref]
+    bufs = [torch.zeros_like(p) for p in ref]
+    for step_grads in grads:
+        for p, c, buf, g in zip(ref, comps, bufs, step_grads):
+            buf.lerp_(g, 1 - mu)
+            ortho = torch_ns(g.lerp(buf, mu), *NS)
+            old = p.float()
+            updated = old * torch.tensor(1 - lr * wd)
+            updated.add_(ortho, alpha=-lr * max(1, p.shape[0] / p.shape[1]) ** 0.5)
+            delta = (updated - old) + c.float()
+            p.copy_(old + delta)
+            c.copy_(delta - (p.float() - old))
+    for x, y, c in zip(got, ref, comps):
+        # The same fp32 ops in the same order as the reference: equal bits.
+        assert_bits_equal(x.detach(), y)
+        assert_bits_equal(opt.state[x]["kahan_comp"], c)
+    assert any(c.abs().max() > 0 for c in comps)
+
+
 def test_stochastic_rounding_is_deterministic_and_resumes():
     def run(seed, split=None):
         params = make(dtype=torch.bfloat16)
@@ -533,7 +563,9 @@ def test_track_stats_against_reference():
     (dict(ns_steps=100), "Number of steps must be less than 100 for computational efficiency"),
     (dict(ns_coefficients=(1.0, 2.0)), "Coefficients must be a tuple of exactly 3 values"),
     (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
-    (dict(kahan_summation=True), "kahan_summation is not supported"),
+    (dict(state_dtype=torch.bfloat16), "state_dtype is not supported"),
+    (dict(kahan_summation=True), "kahan_summation=True needs bfloat16 params"),
+    (dict(kahan_summation=True, master_weights=True), "master_weights and kahan_summation are mutually exclusive"),
     (dict(master_weights=True), "master_weights=True needs bfloat16 or float16 params"),
     (dict(max_grad_norm=-1.0), "Invalid max_grad_norm value"),
 ])

@@ -31,7 +31,7 @@ _ADJUST_LR_FNS = ("original", "match_rms_adamw")
 _SHAPE_MODES = ("flatten", "batch")
 _ADAMW_BETAS = (0.9, 0.95)
 _ADAMW_EPS = 1e-8
-_UNSUPPORTED = ("kahan_summation", "state_dtype", "weight_decay_mode")
+_UNSUPPORTED = ("state_dtype", "weight_decay_mode")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -170,7 +170,8 @@ class Muon(torch.optim.Optimizer):
     :func:`muon_param_groups` to build the groups of a model.
 
     Precision keywords: ``max_grad_norm`` (global clip over all grads; ``last_grad_norm``),
-    ``master_weights`` and ``stochastic_rounding`` (bf16/fp16 params; ``seed``) and
+    ``master_weights`` (bf16/fp16 params), ``stochastic_rounding`` (``seed``) and
+    ``kahan_summation`` (bf16 params; Muon groups only for these two), and
     ``track_stats``. GradScaler is supported; ``p.grad`` is never written.
 
     ``process_group`` (replicated params, e.g. under DDP, whose grads are the same on every
@@ -251,18 +252,17 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
             if not 0.0 <= group["eps"]:
                 raise ValueError(f"Invalid epsilon value: {group['eps']}")
-        mode = next((k for k in ("master_weights", "stochastic_rounding") if get(k)), None)
-        if mode == "stochastic_rounding" and not use_muon and tensors:
+        mode = next((k for k in ("master_weights", "stochastic_rounding", "kahan_summation") if get(k)), None)
+        if mode in ("stochastic_rounding", "kahan_summation") and not use_muon and tensors:
             # functional.adamw_ rounds to nearest and wants moments of the param's dtype.
-            raise ValueError("stochastic_rounding=True is not supported in use_muon=False (AdamW) groups; "
+            raise ValueError(f"{mode}=True is not supported in use_muon=False (AdamW) groups; "
                              "use master_weights=True")
         if mode is not None:
+            allowed = _LOW_PRECISION if mode == "master_weights" else (torch.bfloat16,)
             for p in tensors:
-                if p.dtype not in _LOW_PRECISION:
-                    raise ValueError(f"{mode}=True needs bfloat16 or float16 params, "
+                if p.dtype not in allowed:
+                    raise ValueError(f"{mode}=True needs {' or '.join(str(d)[6:] for d in allowed)} params, "
                                      f"got a {p.dtype} param of shape {tuple(p.shape)}")
-                if mode == "stochastic_rounding" and p.dtype != torch.bfloat16:
-                    raise ValueError(f"stochastic_rounding=True needs bfloat16 params, got {p.dtype}")
         super().add_param_group(group)
 
     # ---- state dicts -------------------------------------------------------------------------
@@ -368,6 +368,11 @@ class Muon(torch.optim.Optimizer):
             if p.ndim != 2 and not (p.ndim > 2 and group.get("shape_mode") is not None):
                 raise ValueError(f"{label}: Muon only supports 2D parameters whereas we found a parameter "
                                  f"with size: {p.size()}")
+            comp = state.get("kahan_comp")
+            if group.get("kahan_summation") and isinstance(comp, Tensor) and (comp.shape != p.shape
+                                                                              or comp.dtype != p.dtype):
+                raise ValueError(f"{label}: state 'kahan_comp' has shape {tuple(comp.shape)} and dtype "
+                                 f"{comp.dtype}, expected {tuple(p.shape)} and {p.dtype}")
             buf = state.get("momentum_buffer")
             if isinstance(buf, Tensor) and (buf.shape != p.shape or buf.dtype not in (p.dtype, torch.float32)):
                 raise ValueError(f"{label}: state 'momentum_buffer' has shape {tuple(buf.shape)} and dtype "
@@ -397,6 +402,8 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(e.param, dtype=dtype, memory_format=torch.preserve_format)
             if master and "master_param" not in state:
                 state["master_param"] = e.param.detach().float()
+            if group.get("kahan_summation") and "kahan_comp" not in state:
+                state["kahan_comp"] = torch.zeros_like(e.param, memory_format=torch.preserve_format)
             if group.get("stochastic_rounding"):
                 step = state.get("step")
                 if not isinstance(step, Tensor) or step.device != e.param.device or step.dtype != torch.float32:
@@ -523,7 +530,7 @@ class Muon(torch.optim.Optimizer):
             group = self.param_groups[e.group]
             if group.get("master_weights"):
                 out.append(_local(self.state[e.param]["master_param"]))
-            elif group.get("stochastic_rounding"):
+            elif group.get("stochastic_rounding") or group.get("kahan_summation"):
                 out.append(work.setdefault(id(e.param), e.local.detach().float()))
             else:
                 out.append(e.local)
@@ -568,17 +575,22 @@ class Muon(torch.optim.Optimizer):
                                           zip(scaled.split([t.numel() for t in targets]), targets)])
 
     def _write_back(self, entries, work, keep):
-        """Masters are rounded to nearest into the params; SR work copies stochastically."""
+        """Masters are rounded to nearest into the params; fp32 work copies stochastically
+        (SR) or with a Kahan compensation."""
         masters = [(e.local, _local(self.state[e.param]["master_param"])) for e in entries
                    if self.param_groups[e.group].get("master_weights")]
         if masters:
             torch._foreach_copy_([p for p, _ in masters], [m for _, m in masters])
         if not work:
             return
-        by_device = defaultdict(list)
+        by_device, kahan = defaultdict(list), defaultdict(list)
         for e in entries:
             if id(e.param) in work:
-                by_device[e.local.device].append(e)
+                kahan_group = self.param_groups[e.group].get("kahan_summation")
+                (kahan if kahan_group else by_device)[e.local.device].append(e)
+        for device, bucket in kahan.items():
+            _kahan_store([e.local for e in bucket], [_local(self.state[e.param]["kahan_comp"]) for e in bucket],
+                         [work[id(e.param)] for e in bucket], None if keep is None else keep.to(device))
         for device, bucket in by_device.items():
             steps = [self.state[e.param]["step"] for e in bucket]
             # (a skipped step leaves the count, and SR of the unchanged values is exact)
@@ -667,8 +679,8 @@ def _check_newton_schulz(coefficients, steps) -> None:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
 
 
-def _precision_options(max_grad_norm=None, master_weights=False, stochastic_rounding=False, seed=None,
-                       track_stats=False, **other) -> dict:
+def _precision_options(max_grad_norm=None, master_weights=False, stochastic_rounding=False, kahan_summation=False,
+                       seed=None, track_stats=False, **other) -> dict:
     for key in _UNSUPPORTED:
         if key in other:
             if other[key] in (None, False):
@@ -678,8 +690,12 @@ def _precision_options(max_grad_norm=None, master_weights=False, stochastic_roun
     if other:
         raise TypeError(f"Muon.__init__() got an unexpected keyword argument '{next(iter(other))}'")
     out = {}
-    if master_weights and stochastic_rounding:
-        raise ValueError("master_weights and stochastic_rounding are mutually exclusive: choose one precision path")
+    modes = [k for k, v in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding),
+                            ("kahan_summation", kahan_summation)) if v]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are mutually exclusive: choose one precision path")
+    if kahan_summation:
+        out["kahan_summation"] = True
     if max_grad_norm is not None:
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (a finite number > 0)")
@@ -759,6 +775,23 @@ def _split_like(stack: Tensor, run) -> list[Tensor]:
         out.append(piece.view(e.local.shape) if piece.is_contiguous() else piece.reshape(e.local.shape))
         at += n
     return out
+
+
+def _kahan_store(params, comps, works, keep) -> None:
+    """The precision.h ``store_kahan`` on whole buckets (flat, O(1) ops): ``delta = (updated -
+    old) + comp``, the param rounds ``old + delta`` to nearest, comp keeps what it dropped.
+    Where ``keep`` is 0 (a skipped step) params and compensations keep their bits."""
+    sizes = [p.numel() for p in params]
+    old = torch.cat([p.reshape(-1) for p in params]).float()
+    old_comp = torch.cat([c.reshape(-1) for c in comps])
+    delta = (torch.cat([w.reshape(-1) for w in works]) - old).add_(old_comp.float())
+    written = (old + delta).to(params[0].dtype)
+    comp = (delta - (written.float() - old)).to(comps[0].dtype)
+    if keep is not None:
+        written = torch.where(keep.bool(), written, old.to(written.dtype))
+        comp = torch.where(keep.bool(), comp, old_comp)
+    torch._foreach_copy_(params, [x.view(p.shape) for x, p in zip(written.split(sizes), params)])
+    torch._foreach_copy_(comps, [x.view(c.shape) for x, c in zip(comp.split(sizes), comps)])
 
 
 _MASK32 = 0xFFFFFFFF
