@@ -207,5 +207,43 @@ def _check_fsdp2_equals_single_process(rank):
     assert sizes == ([1, 1, 1, 1] if rank == 0 else [1]) * 4, sizes
 
 
-def test_fsdp2_params_match_single_process():
-    launch(_check_fsdp2_equals_single_process)
+
+
+def _check_fsdp2_clipping_and_stats(rank):
+    import fusedopt
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    reference = _Net()
+    model = _Net()
+    model.load_state_dict(reference.state_dict())
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    kw = dict(lr=0.02, max_grad_norm=0.05, track_stats=True)
+    opt = fusedopt.Muon(fusedopt.muon_param_groups(model, lr=0.02, adamw_lr=1e-2), **kw)
+    _train_net(model, opt)
+    ref_opt = fusedopt.Muon(fusedopt.muon_param_groups(reference, lr=0.02, adamw_lr=1e-2), **kw)
+    _train_net(reference, ref_opt)
+    assert ref_opt.last_grad_norm > 0.05 * 2  # clipping is active
+    # The global norm is summed in another order (float64 sums of squares of shards, one
+    # all_reduce, vs clip_grad_norm_'s norm of fp32 per-tensor norms): a few fp32 ulps.
+    torch.testing.assert_close(opt.last_grad_norm, ref_opt.last_grad_norm, rtol=1e-5, atol=0)
+    for got, want in zip(opt.stats(), ref_opt.stats()):
+        for key in ("grad_norm", "param_norm", "update_ratio"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=0)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        # An ulp of the clip factor can flip a bf16 rounding of the Newton-Schulz input: one
+        # bf16 ulp (2**-8 relative) of an update entry (|O| < 1) times lr 0.02, per step.
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=4 * 0.02 * 2 ** -8)
+
+
+def _check_fsdp2(rank):
+    _check_fsdp2_equals_single_process(rank)
+    _check_fsdp2_clipping_and_stats(rank)
+
+
+def test_fsdp2_matches_single_process_with_and_without_clipping():
+    launch(_check_fsdp2)  # (one launch: spawning the ranks is most of the time)

@@ -94,6 +94,32 @@ class _Label:
         return self.optimizer._label(self.gi, self.j, self.p)
 
 
+def _mesh_group(entries):
+    """The process group of the DTensor params' mesh, None when there are none."""
+    meshes = list({id(e.param.device_mesh): e.param.device_mesh for e in entries if _is_dtensor(e.param)}.values())
+    if not meshes:
+        return None
+    if len(meshes) > 1:
+        raise ValueError("max_grad_norm / track_stats with DTensor params on more than one device mesh is not "
+                         "supported; use one optimizer per mesh")
+    return meshes[0].get_group()
+
+
+def _counted_sums(entries, lists, home, mesh_group) -> list[Tensor]:
+    """Per list (aligned with ``entries``), each tensor's float64 sum of squares on ``home``;
+    under FSDP2 (``mesh_group``) plain params count on the mesh's first rank only (they are
+    replicated there), so that an all_reduce counts every element once."""
+    out = []
+    for tensors in lists:
+        norms = [n.to(home) for n in torch._foreach_norm(tensors, 2, dtype=torch.float32)]
+        sq = torch.stack(norms).double() ** 2
+        if mesh_group is not None and dist.get_rank(mesh_group) != 0:
+            counted = torch.tensor([_is_dtensor(e.param) for e in entries], device=home)
+            sq = sq * counted
+        out.append(sq)
+    return out
+
+
 def _check_dtensor(label, p, g, group, defaults) -> None:
     """What the FSDP2 path takes: dim-0 shards (torch.chunk sizes) on a 1-D mesh."""
     if not _is_dtensor(g):
@@ -101,9 +127,8 @@ def _check_dtensor(label, p, g, group, defaults) -> None:
     if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or tuple(g.placements) != (Shard(0),):
         raise ValueError(f"{label}: DTensor params must be sharded on dim 0 over a 1-D mesh (FSDP2), got "
                          f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
-    for key in ("max_grad_norm", "track_stats", "stochastic_rounding"):
-        if group.get(key, defaults.get(key)):
-            raise ValueError(f"{label}: {key} is not supported with DTensor (FSDP2) params yet")
+    if group.get("stochastic_rounding", defaults.get("stochastic_rounding")):
+        raise ValueError(f"{label}: stochastic_rounding is not supported with DTensor (FSDP2) params yet")
 
 
 def _sharded_newton_schulz(local_updates, param, rows, cols, coefficients, steps, eps) -> list[Tensor]:
@@ -185,7 +210,8 @@ class Muon(torch.optim.Optimizer):
     per group of same-shaped params, one ``all_gather`` assembles the whole updates, each rank
     orthogonalises its share of the matrices, a second ``all_gather`` returns them and every
     rank updates its shard; again equal, bit for bit, to a single-process step.
-    (``max_grad_norm``, ``track_stats`` and ``stochastic_rounding`` are not offered there yet.)
+    ``max_grad_norm`` and ``track_stats`` all_reduce their sums over the mesh once a step
+    (``stochastic_rounding`` is not offered there yet).
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
@@ -436,7 +462,16 @@ class Muon(torch.optim.Optimizer):
         factor = torch.ones((), dtype=torch.float32, device=home)
         if grad_scale is not None:
             factor = grad_scale.to(home).double().reciprocal().float()
-        if max_norm is not None:
+        mesh_group = _mesh_group(entries)
+        if max_norm is not None and mesh_group is not None:
+            # FSDP2: each rank sums the squares of its shards (plain params, taken to be
+            # replicated, on the mesh's first rank only) and one all_reduce makes it global.
+            sq = _counted_sums(entries, [[e.grad for e in entries]], home, mesh_group)[0].sum()
+            dist.all_reduce(sq, group=mesh_group)
+            total = sq.sqrt().float() * factor
+            self.last_grad_norm = total
+            factor = factor * torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        elif max_norm is not None:
             # torch.nn.utils.clip_grad_norm_'s arithmetic: the norm of the per-tensor norms.
             norms = []
             for d in devices:
@@ -624,24 +659,28 @@ class Muon(torch.optim.Optimizer):
 
     # ---- track_stats -------------------------------------------------------------------------
     def _stats_begin(self, entries, grad_scale):
-        grads = [e.grad for e in entries]
-        sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() ** 2
-        before = [e.param.detach().to(torch.float32, copy=True) for e in entries]
+        home = entries[0].local.device
+        mesh_group = _mesh_group(entries)
+        grad_sq = _counted_sums(entries, [[e.grad for e in entries]], home, mesh_group)[0]
         if grad_scale is not None:
-            sq = sq / grad_scale.double().to(sq.device) ** 2
-        return sq, before
+            grad_sq = grad_sq / grad_scale.double().to(home) ** 2
+        before = [e.local.detach().to(torch.float32, copy=True) for e in entries]
+        return grad_sq, before
 
     def _stats_end(self, entries, begin):
         grad_sq, before = begin
-        after = [e.param.detach().float() for e in entries]
+        home = entries[0].local.device
+        mesh_group = _mesh_group(entries)
+        after = [e.local.detach().float() for e in entries]
         diff = torch._foreach_sub(after, before)
-        per_entry = [torch.stack(torch._foreach_norm(x, 2)).double() ** 2 for x in (after, diff, before)]
+        per_entry = _counted_sums(entries, [after, diff, before], home, mesh_group)
         n = len(self.param_groups)
-        home = entries[0].param.device
         index = torch.tensor([e.group for e in entries], device=home)
         sums = torch.zeros((4, n), dtype=torch.float64, device=home)
         for row, values in enumerate([grad_sq] + per_entry):
-            sums[row].index_add_(0, index, values.to(home))
+            sums[row].index_add_(0, index, values)
+        if mesh_group is not None:
+            dist.all_reduce(sums, group=mesh_group)  # FSDP2: one collective for all groups' sums
         roots = sums.sqrt()
         ratio = roots[2] / roots[3]
         self._last_stats = [{"grad_norm": roots[0, i].float(), "param_norm": roots[1, i].float(),
