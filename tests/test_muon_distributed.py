@@ -240,9 +240,41 @@ def _check_fsdp2_clipping_and_stats(rank):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=4 * 0.02 * 2 ** -8)
 
 
+def _check_fsdp2_stochastic_rounding(rank):
+    import fusedopt
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    reference = _Net().bfloat16()
+    model = _Net().bfloat16()
+    model.load_state_dict(reference.state_dict())
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    muon_only = lambda m: [p for layer in m.layers for p in (layer.weight,)]  # noqa: E731
+    opt = fusedopt.Muon(muon_only(model), lr=0.02, stochastic_rounding=True, seed=5)
+    ref_opt = fusedopt.Muon(muon_only(reference), lr=0.02, stochastic_rounding=True, seed=5)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(16, 8, generator=g).bfloat16()
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).float().pow(2).mean().backward()
+            for layer in m.layers:  # (biases and head are not stepped here)
+                layer.bias.grad = None
+            o.step()
+    for p, q in zip(muon_only(model), muon_only(reference)):
+        # SR bits keyed by the element's index in the full param: the shards draw the bits of
+        # the single-process run, so the results are equal.
+        assert torch.equal(p.full_tensor(), q.detach())
+
+
 def _check_fsdp2(rank):
     _check_fsdp2_equals_single_process(rank)
     _check_fsdp2_clipping_and_stats(rank)
+    _check_fsdp2_stochastic_rounding(rank)
 
 
 def test_fsdp2_matches_single_process_with_and_without_clipping():

@@ -120,6 +120,17 @@ def _counted_sums(entries, lists, home, mesh_group) -> list[Tensor]:
     return out
 
 
+def _shard_offset(p) -> int:
+    """Index in the full param of the local shard's first element (``Shard(0)``, torch.chunk
+    sizes); 0 for a plain tensor."""
+    if not _is_dtensor(p):
+        return 0
+    mesh = p.device_mesh
+    rows = p.shape[0]
+    chunk = -(-rows // mesh.size())
+    return min(mesh.get_local_rank() * chunk, rows) * (p.numel() // max(rows, 1))
+
+
 def _check_dtensor(label, p, g, group, defaults) -> None:
     """What the FSDP2 path takes: dim-0 shards (torch.chunk sizes) on a 1-D mesh."""
     if not _is_dtensor(g):
@@ -127,8 +138,6 @@ def _check_dtensor(label, p, g, group, defaults) -> None:
     if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or tuple(g.placements) != (Shard(0),):
         raise ValueError(f"{label}: DTensor params must be sharded on dim 0 over a 1-D mesh (FSDP2), got "
                          f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
-    if group.get("stochastic_rounding", defaults.get("stochastic_rounding")):
-        raise ValueError(f"{label}: stochastic_rounding is not supported with DTensor (FSDP2) params yet")
 
 
 def _sharded_newton_schulz(local_updates, param, rows, cols, coefficients, steps, eps) -> list[Tensor]:
@@ -210,8 +219,8 @@ class Muon(torch.optim.Optimizer):
     per group of same-shaped params, one ``all_gather`` assembles the whole updates, each rank
     orthogonalises its share of the matrices, a second ``all_gather`` returns them and every
     rank updates its shard; again equal, bit for bit, to a single-process step.
-    ``max_grad_norm`` and ``track_stats`` all_reduce their sums over the mesh once a step
-    (``stochastic_rounding`` is not offered there yet).
+    ``max_grad_norm`` and ``track_stats`` all_reduce their sums over the mesh once a step;
+    stochastic rounding keys its bits by the element's index in the full param.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
@@ -631,8 +640,8 @@ class Muon(torch.optim.Optimizer):
             # (a skipped step leaves the count, and SR of the unchanged values is exact)
             torch._foreach_add_(steps, 1.0 if keep is None else keep.to(device))
             seeds = [self.param_groups[e.group]["seed"] for e in bucket]
-            _stochastic_round_into([e.param for e in bucket], [work[id(e.param)] for e in bucket],
-                                   seeds, [e.index for e in bucket], steps)
+            _stochastic_round_into([e.local for e in bucket], [work[id(e.param)] for e in bucket],
+                                   seeds, [e.index for e in bucket], steps, [_shard_offset(e.param) for e in bucket])
 
     # ---- AdamW groups ------------------------------------------------------------------------
     def _adamw_step(self, entries, factors):
@@ -846,16 +855,21 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def _stochastic_round_into(params, works, seeds, indices, steps):
+def _stochastic_round_into(params, works, seeds, indices, steps, offsets=None):
     """Writes the fp32 ``works`` into the bf16 ``params`` with stochastic rounding whose random
     bits are a pure function of (seed, param index, step, element index), on the device and
-    without a host sync: add 16 random bits below the bf16 mantissa, then truncate."""
+    without a host sync: add 16 random bits below the bf16 mantissa, then truncate.
+    ``offsets``: index in the full param of each local shard's first element (FSDP2), so a
+    sharded run draws the bits of a single-process one."""
     device = params[0].device
     sizes = [w.numel() for w in works]
     flat = torch.cat([w.reshape(-1) for w in works])
     numels = torch.tensor(sizes, device=device)
     owner = torch.repeat_interleave(torch.arange(len(works), device=device), numels)
-    element = torch.arange(flat.numel(), device=device) - (torch.cumsum(numels, 0) - numels)[owner]
+    first = torch.cumsum(numels, 0) - numels
+    if offsets is not None:
+        first = first - torch.tensor(offsets, device=device)
+    element = torch.arange(flat.numel(), device=device) - first[owner]
     seed = torch.tensor([(s & _MASK32) ^ (s >> 32 & _MASK32) for s in seeds], device=device)
     key = _mix32(seed ^ _mix32(torch.tensor(indices, device=device)))
     key = _mix32(key ^ torch.stack(steps).to(device).long())
