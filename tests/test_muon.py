@@ -282,7 +282,10 @@ def test_shape_modes_against_per_matrix_reference(mode):
     opt = fusedopt.Muon([dict(params=got, shape_mode=mode), dict(params=plain_got)], lr=0.02,
                         adjust_lr_fn="match_rms_adamw")
     train(opt, got + plain_got, grads)
-    matrices = (lambda u: u.reshape(1, u.shape[0], -1)) if mode == "flatten" else (lambda u: u.reshape(-1, *u.shape[-2:]))
+    if mode == "flatten":
+        matrices = lambda u: u.reshape(1, u.shape[0], -1)  # noqa: E731
+    else:
+        matrices = lambda u: u.reshape(-1, *u.shape[-2:])  # noqa: E731
     adjust = lambda r, c: 0.2 * math.sqrt(max(r, c))  # noqa: E731
     bufs = [torch.zeros_like(p) for p in ref + plain_ref]
     with torch.no_grad():

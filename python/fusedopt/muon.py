@@ -424,7 +424,8 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"{label}: state '{key}' has shape {tuple(t.shape)} and dtype {t.dtype}, "
                                  f"expected {tuple(p.shape)} and {want}")
         step = state.get("step")
-        if step is not None and not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)):
+        one_number = isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)
+        if step is not None and not one_number:
             raise ValueError(f"{label}: state 'step' must be one number")
 
     def _create_state(self, muon_entries, adamw_entries):
@@ -485,7 +486,8 @@ class Muon(torch.optim.Optimizer):
             norms = []
             for d in devices:
                 grads = [e.grad for e in entries if e.param.device == d]
-                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).to(home))
+                per_tensor = torch._foreach_norm(grads, 2, dtype=torch.float32)
+                norms.append(torch.linalg.vector_norm(torch.stack(per_tensor)).to(home))
             total = torch.linalg.vector_norm(torch.stack(norms)) * factor
             self.last_grad_norm = total
             factor = factor * torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -788,7 +790,8 @@ def _prepared_grads(grads, dtype, factor, keep, like=None):
     like = grads if like is None else like
     out = []
     for piece, t in zip(flat.split([g.numel() for g in grads]), like):
-        out.append(piece.view(t.shape) if t.is_contiguous() else torch.empty_like(t, dtype=dtype).copy_(piece.view(t.shape)))
+        piece = piece.view(t.shape)
+        out.append(piece if t.is_contiguous() else torch.empty_like(t, dtype=dtype).copy_(piece))
     return out
 
 
