@@ -293,6 +293,7 @@ double sum_squares(const ReduceCall& call) {
     case DType::kBFloat16: return sum_squares_typed<bf16_t>(call);
     case DType::kFloat16: return sum_squares_typed<fp16_t>(call);
     case DType::kFloat64: return sum_squares_typed<double>(call);
+    case DType::kUInt8Blockwise: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
 }
@@ -314,7 +315,8 @@ void average(const AverageCall& call) {
     case DType::kFloat32: return average_typed<float>(call);
     case DType::kBFloat16: return average_typed<bf16_t>(call);
     case DType::kFloat16: return average_typed<fp16_t>(call);
-    case DType::kFloat64: break;
+    case DType::kFloat64:
+    case DType::kUInt8Blockwise: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for average");
 }

@@ -120,7 +120,7 @@ struct StepOp {
   // params with bf16 states).
   using Buffer = std::conditional_t<(kStates > 0), S, P>;
   static constexpr bool kReadsParam = PREC != Precision::kMaster;
-  static constexpr bool reads(int k) { return k < kStates && A::template reads_state<V, FIRST>(k); }
+  static constexpr FUSEDOPT_HD bool reads(int k) { return k < kStates && A::template reads_state<V, FIRST>(k); }
   static constexpr int kStatesRead = int(reads(0)) + int(reads(1)) + int(reads(2));
   static constexpr int kWidth = tile_width<P, Buffer>();
   static constexpr int kTilesInFlight = tiles_in_flight(

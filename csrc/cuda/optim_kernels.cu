@@ -518,6 +518,7 @@ void sum_squares(const int64_t* ptrs, const int64_t* numels, int64_t n_tensors, 
     case DType::kBFloat16: return sum_squares_typed<bf16_t>(ptrs, numels, n_tensors, out, workspace, stream);
     case DType::kFloat16: return sum_squares_typed<fp16_t>(ptrs, numels, n_tensors, out, workspace, stream);
     case DType::kFloat64: return sum_squares_typed<double>(ptrs, numels, n_tensors, out, workspace, stream);
+    case DType::kUInt8Blockwise: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for sum_squares");
 }
@@ -530,7 +531,8 @@ void average(const int64_t* avgs, const int64_t* srcs, const int64_t* numels, in
     case DType::kFloat32: return average_typed<float>(avgs, srcs, numels, n_tensors, weight, stream);
     case DType::kBFloat16: return average_typed<bf16_t>(avgs, srcs, numels, n_tensors, weight, stream);
     case DType::kFloat16: return average_typed<fp16_t>(avgs, srcs, numels, n_tensors, weight, stream);
-    case DType::kFloat64: break;
+    case DType::kFloat64:
+    case DType::kUInt8Blockwise: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for average");
 }

@@ -13,7 +13,7 @@ struct Adam {
   template <bool AMSGRAD>
   static constexpr int kStates = AMSGRAD ? 3 : 2;
   template <bool AMSGRAD, bool FIRST>
-  static constexpr bool reads_state(int) { return true; }
+  static constexpr FUSEDOPT_HD bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
   static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 

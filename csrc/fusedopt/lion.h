@@ -12,7 +12,7 @@ struct Lion {
   template <bool>
   static constexpr int kStates = 1;
   template <bool, bool>
-  static constexpr bool reads_state(int) { return true; }
+  static constexpr FUSEDOPT_HD bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
   static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 

@@ -18,6 +18,16 @@
 
 namespace fusedopt {
 
+// The host loops of quantized_block are vectorized by OpenMP SIMD on the CPU build; the CUDA
+// module's host compile has no OpenMP (and runs none of them).
+#if defined(_OPENMP)
+#define FUSEDOPT_SIMD _Pragma("omp simd")
+#define FUSEDOPT_SIMD_MAX_OF_M _Pragma("omp simd reduction(max : m)")
+#else
+#define FUSEDOPT_SIMD
+#define FUSEDOPT_SIMD_MAX_OF_M
+#endif
+
 constexpr int kQuantBlock = 256;
 constexpr int kQuantMapSize = 256;
 
@@ -97,9 +107,9 @@ inline void quantized_block(P* __restrict__ param, const P* __restrict__ grad, q
   for (int k = 0; k < kStates; ++k) {
     const float* map = quant_map(maps, k);
     const float scale = *absmax[k];
-    const uint8_t* __restrict__ c = &codes[k]->code;
+    const uint8_t* __restrict__ c = reinterpret_cast<const uint8_t*>(codes[k]);
     if (A::template reads_state<V, FIRST>(k)) {
-#pragma omp simd
+    FUSEDOPT_SIMD
       for (int i = 0; i < n; ++i) s[k][i] = map[c[i]] * scale;
     } else {
       for (int i = 0; i < n; ++i) s[k][i] = 0.0f;
@@ -114,16 +124,16 @@ inline void quantized_block(P* __restrict__ param, const P* __restrict__ grad, q
   for (int k = 0; k < kStates; ++k) {
     const float* __restrict__ v = s[k];
     float m = 0.0f;
-#pragma omp simd reduction(max : m)
+    FUSEDOPT_SIMD_MAX_OF_M
     for (int i = 0; i < n; ++i) m = m > std::fabs(v[i]) ? m : std::fabs(v[i]);
     *absmax[k] = m;
     const float inv = m > 0.0f ? 1.0f / m : 0.0f;  // x = value * (1 / absmax), as _quantization.quantize
     const float* __restrict__ map = quant_map(maps, k);
     const int32_t* __restrict__ base = quant_base(maps, k);
     const float* __restrict__ threshold = quant_threshold(maps, k);
-    uint8_t* __restrict__ c = &codes[k]->code;
+    uint8_t* __restrict__ c = reinterpret_cast<uint8_t*>(codes[k]);
     const uint32_t shift = k == 2 ? 16 : 0;  // random bits: state 0 a >> 16, state 1 b, state 2 b >> 16
-#pragma omp simd
+    FUSEDOPT_SIMD
     for (int i = 0; i < n; ++i) {
       const float x = v[i] * inv;
       if constexpr (PREC == Precision::kStochastic) {

@@ -54,7 +54,7 @@ struct ScheduleFreeAdamW {
   template <bool>
   static constexpr int kStates = 2;
   template <bool, bool>
-  static constexpr bool reads_state(int) { return true; }
+  static constexpr FUSEDOPT_HD bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
   static constexpr bool kQuantizable = false;
   template <typename C>
@@ -83,7 +83,7 @@ struct ScheduleFreeSgd {
   template <bool>
   static constexpr int kStates = 1;
   template <bool, bool>
-  static constexpr bool reads_state(int) { return true; }
+  static constexpr FUSEDOPT_HD bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
   static constexpr bool kQuantizable = false;
   template <typename C>

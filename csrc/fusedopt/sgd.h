@@ -13,7 +13,7 @@ struct Sgd {
   template <bool MOMENTUM>
   static constexpr int kStates = MOMENTUM ? 1 : 0;
   template <bool MOMENTUM, bool FIRST>
-  static constexpr bool reads_state(int) { return !FIRST; }
+  static constexpr FUSEDOPT_HD bool reads_state(int) { return !FIRST; }
   static constexpr bool kUsesFirst = true;
   static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 

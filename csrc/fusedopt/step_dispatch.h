@@ -24,7 +24,9 @@ void dispatch_types(const Call& call) {
   if (pd == DType::kFloat32 && pr == Precision::kPlain) {
     if (sd == DType::kFloat32) FUSEDOPT_VARIANTS(F, F, Precision::kPlain);
     if (sd == DType::kBFloat16) FUSEDOPT_VARIANTS(F, B, Precision::kPlain);
-    if (sd == DType::kUInt8Blockwise && A::kQuantizable) FUSEDOPT_VARIANTS(F, Q, Precision::kPlain);
+    if constexpr (A::kQuantizable) {
+      if (sd == DType::kUInt8Blockwise) FUSEDOPT_VARIANTS(F, Q, Precision::kPlain);
+    }
   }
   if (pd == DType::kFloat64 && sd == DType::kFloat64 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(D, D, Precision::kPlain);
   if (pd == DType::kBFloat16) {
@@ -40,11 +42,11 @@ void dispatch_types(const Call& call) {
       if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, B, Precision::kStochastic);
       if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, B, Precision::kKahan);
     }
-    if (sd == DType::kUInt8Blockwise && A::kQuantizable) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, Q, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, Q, Precision::kMaster);
-      if (pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, Q, Precision::kStochastic);
-      if (pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, Q, Precision::kKahan);
+    if constexpr (A::kQuantizable) {
+      if (sd == DType::kUInt8Blockwise && pr == Precision::kPlain) FUSEDOPT_VARIANTS(B, Q, Precision::kPlain);
+      if (sd == DType::kUInt8Blockwise && pr == Precision::kMaster) FUSEDOPT_VARIANTS(B, Q, Precision::kMaster);
+      if (sd == DType::kUInt8Blockwise && pr == Precision::kStochastic) FUSEDOPT_VARIANTS(B, Q, Precision::kStochastic);
+      if (sd == DType::kUInt8Blockwise && pr == Precision::kKahan) FUSEDOPT_VARIANTS(B, Q, Precision::kKahan);
     }
   }
   if (pd == DType::kFloat16) {
@@ -53,9 +55,9 @@ void dispatch_types(const Call& call) {
       if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, F, Precision::kMaster);
     }
     if (sd == DType::kFloat16 && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, H, Precision::kPlain);
-    if (sd == DType::kUInt8Blockwise && A::kQuantizable) {
-      if (pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, Q, Precision::kPlain);
-      if (pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, Q, Precision::kMaster);
+    if constexpr (A::kQuantizable) {
+      if (sd == DType::kUInt8Blockwise && pr == Precision::kPlain) FUSEDOPT_VARIANTS(H, Q, Precision::kPlain);
+      if (sd == DType::kUInt8Blockwise && pr == Precision::kMaster) FUSEDOPT_VARIANTS(H, Q, Precision::kMaster);
     }
   }
 #undef FUSEDOPT_VARIANTS
