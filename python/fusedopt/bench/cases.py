@@ -183,7 +183,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
          "Lion fp32 (one moment) vs lion-pytorch and optimi (foreach); torch has no Lion: its fused "
          "SGD with momentum moves the same 20 bytes/param", "Lion", _F32,
          hyper=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1), torch_variants=("torch-fused",),
-         torch_optimizer="SGD", torch_hyper=_SGD, bytes_per_param=sgd_bytes(4, 4, 4),
+         torch_optimizer="SGD", torch_hyper=_SGD, reference="Lion", bytes_per_param=sgd_bytes(4, 4, 4),
          bytes_model="p 4r+4w, g 4r, m 4r+4w = 20 (torch-fused: SGD momentum, same 20)", **_GPT),
     Case("schedulefree_adamw_fp32",
          "AdamWScheduleFree fp32 (train mode) vs schedulefree (foreach); torch has none: its fused "

@@ -151,8 +151,15 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
                bytes_per_param=case.bytes_per_param, bytes_model=case.bytes_model,
                baseline=case.baseline, status="ok", reason=None, rounds=0, slow={}, results=[])
     t0 = time.perf_counter()
-    unsupported = fusedopt_reason or _ct.fusedopt_support(fusedopt_mod, case, st.device)
-    if unsupported and not case.run_without_fusedopt:
+    # fusedopt that does not import: the precision cases (which exist for its keywords) are
+    # skipped, the others run without it. fusedopt that lacks the case's class or keywords:
+    # the case is skipped unless it has peers worth running without it.
+    if fusedopt_reason:
+        unsupported, skip_case = fusedopt_reason, case.precision and not case.run_without_fusedopt
+    else:
+        unsupported = _ct.fusedopt_support(fusedopt_mod, case, st.device)
+        skip_case = bool(unsupported) and not case.run_without_fusedopt
+    if skip_case:
         doc.update(status="skipped", reason=unsupported)
         progress.note(f"{case.name}: skipped ({unsupported})")
         progress.update(st.repeats)
