@@ -407,7 +407,9 @@ PEERS: list[PeerVariant] = [
     PeerVariant("torchao-adamw-bf16sr", "torchao", _torchao("_AdamW", bf16_stochastic_round=True),
                 _case_is("adamw_bf16_sr_bf16state"), lambda c: adam_bytes(2, 2, 2),
                 "torchao.optim._AdamW(bf16_stochastic_round=True), bf16 moments", compiles=True),
-    PeerVariant("heavyball-adamw", "heavyball", _heavyball(), _case_is(*_ADAMW_FP32),
+    # Not in many_small: compiling heavyball's foreach step over 2,000 tensors had not finished
+    # after 3 minutes on the 2-core CPU machine.
+    PeerVariant("heavyball-adamw", "heavyball", _heavyball(), _case_is("adamw_fp32"),
                 lambda c: task_bytes(c, c.param_dtype), "heavyball.AdamW (torch.compile, foreach)",
                 compiles=True, reattach_grads=True, same_math=False,
                 note="eps placement differs from torch's: the guard checks that it moves"),

@@ -136,11 +136,13 @@ def write_plot(doc: dict, path: str) -> tuple[str | None, str | None]:
         return None, "no case produced results"
     names = list(dict.fromkeys(r["contender"] for _, rs in per_case for r in rs))
     width = 0.84 / max(len(rs) for _, rs in per_case)
-    fig = Figure(figsize=(max(9.0, 1.3 * len(per_case) + 4), 5.5), dpi=120)
+    fig = Figure(figsize=(max(10.0, 0.7 * len(per_case) + 5), 6.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    cmap = [f"C{j}" for j in range(10)] + ["#444444", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78",
-                                           "#98df8a", "#ff9896", "#c5b0d5"]
+    # tab10, then the light halves of tab20 and greys: distinct colours for up to 24 contenders
+    cmap = [f"C{j}" for j in range(10)] + ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+                                           "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#444444",
+                                           "#999999", "#000000", "#e0e0e0", "#5c3c00"]
     colors = {n: cmap[j % len(cmap)] for j, n in enumerate(names)}
     labelled = set()
     for i, (_, rs) in enumerate(per_case):
