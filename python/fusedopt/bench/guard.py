@@ -27,12 +27,18 @@ from .cases import Case
 # update (~1e-10) and of the param (ulp(0.08) = 7.5e-9); 1e-7 + 1e-6 |ref| is ten times that
 # and still below the smallest real term, weight decay (lr * wd * |p| ~ 2e-7). bf16: the
 # contender rounds its result to bf16 (nearest: 1/2 ulp, stochastic: < 1 ulp, an ulp being at
-# most 2^-7 |p|), and bf16 moments change the update by ~2^-8 of lr: 2^-7 |ref| + 1e-5.
+# most 2^-7 |p|), and torch's bf16 path computes the update itself in bf16 (a few roundings
+# of 2^-8 each: measured 1.1e-5 here): 2^-7 |ref| + 3e-5, still 1/30 of the update.
 _TOLERANCE = {
     torch.float32: (1e-7, 1e-6),
-    torch.bfloat16: (1e-5, 2.0 ** -7),
-    torch.float16: (1e-5, 2.0 ** -10),
+    torch.bfloat16: (3e-5, 2.0 ** -7),
+    torch.float16: (3e-5, 2.0 ** -10),
 }
+# Where g (or Adam's g + wd * p) cancels to ~eps, g / (|g| + eps) turns on the last bits of g,
+# and correct implementations (with or without an FMA) differ there by up to lr: at most this
+# fraction of the elements may be outside the tolerance (a broken step is off almost everywhere;
+# on the tests' tiny sizes this allows none).
+_OUTLIER_FRACTION = 1e-5
 # Muon: torch orthogonalizes in bf16, so implementations that do the same math still differ
 # by bf16 rounding in 5 Newton-Schulz iterations; a broken one is off by O(1). Relative error
 # of the whole update (||d - d_ref|| / ||d_ref||) below 5%.
@@ -111,12 +117,17 @@ def check_first_step(case: Case, contender, runner, src_params, reference, befor
         runner.guard = f"matches {what} (update within {err:.1e})"
         return None
     atol, rtol = _TOLERANCE.get(runner.param_dtype, _TOLERANCE[torch.float32])
-    for i, (p, r) in enumerate(zip(params, reference)):
-        excess = float(((p.float() - r).abs() - rtol * r.abs()).max())
-        if excess > atol:
-            return (f"guard: after one step differs from {what} (tensor {i}: |p - ref| - "
-                    f"{rtol:.2g}|ref| = {excess:.3g} > {atol:g})")
-    runner.guard = f"matches {what}"
+    outside, worst, total = 0, 0.0, 0
+    for p, r in zip(params, reference):
+        excess = (p.float() - r).abs() - rtol * r.abs()
+        outside += int((excess > atol).sum())
+        worst = max(worst, float(excess.max()))
+        total += r.numel()
+    allowed = int(_OUTLIER_FRACTION * total)
+    if outside > allowed:
+        return (f"guard: after one step differs from {what}: {outside} of {total} elements outside "
+                f"|p - ref| <= {atol:g} + {rtol:.2g}|ref| (worst excess {worst:.3g})")
+    runner.guard = f"matches {what}" + (f" ({outside} of {total} elements at cancellation differ)" if outside else "")
     return None
 
 
