@@ -1,10 +1,13 @@
-"""Regenerates the README's benchmark section from the committed results
-(bench/results/*.json), so the numbers there are never typed by hand.
+"""Regenerates the README's benchmark section from the committed results of the main
+benchmark (bench/results/*.json written by ``python -m fusedopt.bench``; the standalone
+benches' JSON files there have their own layout and are left out), so the numbers there are
+never typed by hand.
 
     python bench/update_readme.py
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import sys
@@ -18,8 +21,15 @@ BEGIN = "<!-- bench:begin"
 END = "<!-- bench:end -->"
 
 
+def _is_main_bench(path: pathlib.Path) -> bool:
+    try:
+        return str(json.loads(path.read_text()).get("schema", "")).startswith("fusedopt-bench/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main() -> int:
-    results = sorted((ROOT / "bench" / "results").glob("*.json"))
+    results = [p for p in sorted((ROOT / "bench" / "results").glob("*.json")) if _is_main_bench(p)]
     if not results:
         print("no bench/results/*.json to render", file=sys.stderr)
         return 1

@@ -22,8 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusedopt-bench",
         description="Benchmark fusedopt against torch.optim (for-loop, foreach, fused) and any "
                     "installed peer library (torch-optimi, bitsandbytes, torchao, heavyball, "
-                    "schedulefree). Prints ms/step, effective GB/s and % of the measured "
-                    "streaming bandwidth; writes JSON and a PNG.",
+                    "lion-pytorch, schedulefree, pytorch-optimizer) in every case where one does "
+                    "the same job. Every contender's first step is checked against a torch "
+                    "reference step (a broken one is a FAILED row); compile time is reported "
+                    "apart; slow contenders get fewer rounds. Prints ms/step, effective GB/s and "
+                    "% of the measured streaming bandwidth; writes JSON and a PNG of the speed "
+                    "relative to torch's step (log scale).",
         epilog="cases: " + ", ".join(_cases.CASES))
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=DEFAULT_JSON, metavar="PATH",
                    help=f"where to write the results (default {DEFAULT_JSON})")
     p.add_argument("--plot", default=None, metavar="PATH",
-                   help="PNG of GB/s per contender and case (default: the JSON path with .png)")
+                   help="PNG of each contender's speed relative to the case's torch step, log scale "
+                        "(default: the JSON path with .png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop each case's timing rounds (after 3) when its share of S seconds is "

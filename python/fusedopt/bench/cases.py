@@ -40,6 +40,12 @@ GPT2_CPU = gpt2_shapes(vocab=16384, layers=4)
 MANY_SMALL = [(1024,)] * 2000
 
 
+def block_matrices(layers: int, d: int = _WIDTH) -> list[tuple[int, ...]]:
+    """The 2-D weights of ``layers`` GPT-2 blocks (what Muon orthogonalizes; embeddings, biases
+    and norms go to AdamW in Muon training): 4 matrices, 7.08M params per block at d=768."""
+    return [s for s in _gpt2_block(d) if len(s) == 2] * layers
+
+
 def adam_bytes(param: int, grad: int, state: int, master: int = 0, extra_read: int = 0) -> int:
     """Bytes per param of one Adam(W) step: param read+write, grad read, two moments read+write,
     an fp32 master copy read+write (then the param is only written), plus extra reads
@@ -58,7 +64,7 @@ def sgd_bytes(param: int, grad: int, state: int) -> int:
 class Case:
     name: str
     description: str
-    optimizer: str                      # "AdamW" | "Adam" | "SGD" (same name in torch.optim and fusedopt)
+    optimizer: str                      # fusedopt class name ("AdamW", "Lion", ...) or "EMA" / "SAM" / "Snapshot"
     param_dtype: torch.dtype
     cpu_shapes: tuple
     cuda_shapes: tuple
@@ -77,10 +83,30 @@ class Case:
     # equal memory traffic). Empty: the case's own optimizer and hyper.
     torch_optimizer: str = ""
     torch_hyper: dict | None = None
+    # Ratios are to this contender's time (torch's fused step unless torch has none).
+    baseline: str = "torch-fused"
+    # When fusedopt lacks the case's class or keywords: False skips the whole case (nothing to
+    # compare with), True still runs torch and the peers, with fusedopt's row saying why not.
+    run_without_fusedopt: bool = False
+    # Correctness guard: the torch.optim class (and its hyper-parameters) whose one step, run
+    # with foreach=False on fp32 copies, the contenders that do the same math must match.
+    # Empty: the case's torch optimizer when it is the case's own optimizer, else none.
+    reference: str = ""
+    reference_hyper: dict | None = None
+    # Tensors of at most this many dims take part (Muon orthogonalizes matrices only).
+    max_dims: int | None = None
 
     def shapes(self, device: str, scale: float = 1.0) -> list[tuple[int, ...]]:
         base = self.cuda_shapes if device == "cuda" else self.cpu_shapes
         return scale_shapes(base, scale)
+
+    def reference_optimizer(self) -> tuple[str, dict] | None:
+        """``(torch.optim class name, hyper)`` of the guard's reference step, or None."""
+        if self.reference:
+            return self.reference, dict(self.reference_hyper if self.reference_hyper is not None else self.hyper)
+        if self.optimizer in ("AdamW", "Adam", "SGD") and not self.torch_optimizer:
+            return self.optimizer, dict(self.hyper)
+        return None
 
 
 def scale_shapes(shapes, scale: float) -> list[tuple[int, ...]]:
@@ -157,7 +183,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
          "Lion fp32 (one moment) vs lion-pytorch and optimi (foreach); torch has no Lion: its fused "
          "SGD with momentum moves the same 20 bytes/param", "Lion", _F32,
          hyper=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1), torch_variants=("torch-fused",),
-         torch_optimizer="SGD", torch_hyper=_SGD, bytes_per_param=sgd_bytes(4, 4, 4),
+         torch_optimizer="SGD", torch_hyper=_SGD, reference="Lion", bytes_per_param=sgd_bytes(4, 4, 4),
          bytes_model="p 4r+4w, g 4r, m 4r+4w = 20 (torch-fused: SGD momentum, same 20)", **_GPT),
     Case("schedulefree_adamw_fp32",
          "AdamWScheduleFree fp32 (train mode) vs schedulefree (foreach); torch has none: its fused "
@@ -165,6 +191,38 @@ CASES: dict[str, Case] = {c.name: c for c in [
          hyper=dict(lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), torch_variants=("torch-fused",),
          torch_optimizer="AdamW", torch_hyper=_ADAMW, bytes_per_param=adam_bytes(4, 4, 4),
          bytes_model="y 4r+4w, g 4r, z 4r+4w, v 4r+4w = 28 (torch-fused: AdamW, same 28)", **_GPT),
+    Case("adamw_8bit",
+         "AdamW fp32 params with 8-bit blockwise moments: fusedopt state_dtype=torch.uint8 vs "
+         "bitsandbytes and torchao AdamW8bit, and torch fused with fp32 moments",
+         "AdamW", _F32, hyper=_ADAMW, fusedopt_kwargs=dict(state_dtype=torch.uint8), precision=True,
+         torch_variants=("torch-fused",), run_without_fusedopt=True,
+         bytes_per_param=adam_bytes(4, 4, 1) + 2 * 4 / 256,
+         bytes_model="p 4r+4w, g 4r, m 1r+1w, v 1r+1w (+ fp32 absmax per 256) = 16 "
+                     "(torch-fused: 28)", **_GPT),
+    Case("muon",
+         "Muon on the 2-D weights of GPT-2 blocks (5 Newton-Schulz steps, compute-bound): "
+         "fusedopt.Muon vs torch.optim.Muon", "Muon", _F32,
+         hyper=dict(lr=2e-2, weight_decay=0.1, momentum=0.95, nesterov=True),
+         torch_variants=("torch",), baseline="torch", reference="Muon",
+         cpu_shapes=tuple(block_matrices(1)), cuda_shapes=tuple(block_matrices(12)), max_dims=2,
+         bytes_per_param=sgd_bytes(4, 4, 4),
+         bytes_model="p 4r+4w, g 4r, buf 4r+4w = 20 (plus the Newton-Schulz matmuls' traffic)"),
+    Case("sam_sgd",
+         "SAM (rho 0.05) around SGD momentum, optimizer side only (first_step + second_step; the "
+         "second backward is not timed, the grads stay): fusedopt.SAM(fusedopt.SGD) vs "
+         "pytorch_optimizer.SAM(torch SGD fused); torch-fused = the base SGD step alone",
+         "SAM", _F32, hyper=dict(rho=0.05, **_SGD), torch_variants=("torch-fused",),
+         torch_optimizer="SGD", torch_hyper=_SGD, reference="SGD", reference_hyper=_SGD,
+         bytes_per_param=4 + 16 + 8 + sgd_bytes(4, 4, 4),
+         bytes_model="norm g 4r; perturb p 4r+4w, g 4r, w 4w; restore w 4r, p 4w; "
+                     "SGD p 4r+4w, g 4r, buf 4r+4w = 48 (torch-fused: the SGD step, 20)", **_GPT),
+    Case("snapshot_restore",
+         "LossAdaptiveLR's snapshot + restore of params and AdamW state (the copies a search makes "
+         "per candidate) vs one fused AdamW step (fusedopt-plain, torch-fused)", "Snapshot", _F32,
+         hyper=_ADAMW, torch_variants=("torch-fused",), torch_optimizer="AdamW", torch_hyper=_ADAMW,
+         reference="AdamW", reference_hyper=_ADAMW, fusedopt_baseline=True, peers=False,
+         bytes_per_param=4 * 12,
+         bytes_model="take p, m, v 12r+12w; restore 12r+12w = 48 (AdamW step: 28)", **_GPT),
     Case("ema_update",
          "EMA of fp32 weights (decay 0.999): fusedopt.averaging.EMA.update vs torch._foreach_lerp_ "
          "(what AveragedModel's EMA does) and a per-tensor lerp_ loop", "EMA", _F32,

@@ -11,10 +11,11 @@ import torch
 
 from . import cases as _cases
 from . import contenders as _ct
+from . import guard as _guard
 from . import timing
 from .machine import machine_info, versions
 
-SCHEMA = "fusedopt-bench/1"
+SCHEMA = "fusedopt-bench/2"   # 2: guard, failed rows, compile and first-step times, slow
 
 
 @dataclass
@@ -82,6 +83,9 @@ def _result(r: _ct.Runner, contender: _ct.Contender, bw_gb_s: float, device: str
     s = timing.summary(r.samples)
     moved = r.bytes_per_param * r.numel
     gb_s = moved / (s["ms_median"] * 1e-3) / 1e9
+    compile_s = None
+    if contender.compiles and r.first_step_s is not None:
+        compile_s = max(0.0, r.first_step_s - s["ms_median"] * 1e-3)
     return dict(contender=r.name, kind=contender.kind, status="ok", detail=contender.detail,
                 param_dtype=_ct.dtype_name(r.param_dtype), bytes_per_param=r.bytes_per_param,
                 steps_per_sample=r.inner, **s, gb_s=gb_s,
@@ -89,13 +93,50 @@ def _result(r: _ct.Runner, contender: _ct.Contender, bw_gb_s: float, device: str
                 vs_torch_fused=None,
                 state_bytes_per_param=_ct.state_bytes(r.optimizer) / r.numel if r.numel else None,
                 step_peak_bytes_per_param=(peak_step_bytes / r.numel
-                                           if peak_step_bytes is not None and r.numel else None))
+                                           if peak_step_bytes is not None and r.numel else None),
+                first_step_s=r.first_step_s, compiles=contender.compiles, compile_s=compile_s,
+                guard=r.guard)
 
 
-def _skipped(contender: _ct.Contender | str, reason: str, kind: str | None = None) -> dict:
+def _skipped(contender: _ct.Contender | str, reason: str, kind: str | None = None,
+             status: str = "skipped") -> dict:
     name = contender if isinstance(contender, str) else contender.name
     kind = kind or (None if isinstance(contender, str) else contender.kind)
-    return dict(contender=name, kind=kind, status="skipped", reason=reason)
+    return dict(contender=name, kind=kind, status=status, reason=reason)
+
+
+def _failed(contender: _ct.Contender, reason: str) -> dict:
+    """A contender that was built but gave wrong results (the guard) or raised in a step."""
+    return _skipped(contender, reason, status="failed")
+
+
+def _guarded_first_steps(case, runners, by_name, src_p, src_g, device) -> dict:
+    """Each runner's first step, timed (compilation included) and checked by the guard;
+    ``{name: reason}`` of those that failed (removed from ``runners``)."""
+    failed, references = {}, {}
+    for r in list(runners):
+        c = by_name[r.name]
+        try:
+            before = None if c.moves else [p.detach().clone() for p in r.params]
+            t0 = time.perf_counter()
+            r.step()
+            timing.synchronize(device)
+            r.first_step_s = time.perf_counter() - t0
+            reference = None
+            if c.moves and c.matches_reference:
+                if r.param_dtype not in references:
+                    references[r.param_dtype] = _guard.reference_step(case, src_p, src_g, r.param_dtype)
+                reference = references[r.param_dtype]
+            reason = _guard.check_first_step(case, c, r, src_p, reference, before)
+            del before
+        except _ct.Skip as e:
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot step is a row, not a crash
+            reason = f"step failed: {_ct.short_error(e)}"
+        if reason:
+            failed[r.name] = reason
+            runners.remove(r)
+    return failed
 
 
 def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, peers_available,
@@ -108,19 +149,25 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
                fusedopt_kwargs=_jsonable(case.fusedopt_kwargs), n_params=n, n_tensors=len(shapes),
                largest_tensor=list(max(shapes, key=lambda s: _cases.numel([s]))),
                bytes_per_param=case.bytes_per_param, bytes_model=case.bytes_model,
-               status="ok", reason=None, rounds=0, results=[])
+               baseline=case.baseline, status="ok", reason=None, rounds=0, slow={}, results=[])
     t0 = time.perf_counter()
-    if case.precision:
-        reason = fusedopt_reason or _ct.fusedopt_support(fusedopt_mod, case, st.device)
-        if reason:
-            doc.update(status="skipped", reason=reason)
-            progress.note(f"{case.name}: skipped ({reason})")
-            progress.update(st.repeats)
-            return doc
-    line_up = _ct.contenders_for(case, fusedopt_mod, peers_available)
+    # fusedopt that does not import: the precision cases (which exist for its keywords) are
+    # skipped, the others run without it. fusedopt that lacks the case's class or keywords:
+    # the case is skipped unless it has peers worth running without it.
+    if fusedopt_reason:
+        unsupported, skip_case = fusedopt_reason, case.precision and not case.run_without_fusedopt
+    else:
+        unsupported = _ct.fusedopt_support(fusedopt_mod, case, st.device)
+        skip_case = bool(unsupported) and not case.run_without_fusedopt
+    if skip_case:
+        doc.update(status="skipped", reason=unsupported)
+        progress.note(f"{case.name}: skipped ({unsupported})")
+        progress.update(st.repeats)
+        return doc
+    line_up = _ct.contenders_for(case, None if unsupported else fusedopt_mod, peers_available)
     results = {}
-    if fusedopt_mod is None:
-        results["fusedopt"] = _skipped("fusedopt", fusedopt_reason or "not available", "fusedopt")
+    if unsupported:
+        results["fusedopt"] = _skipped("fusedopt", unsupported, "fusedopt")
 
     progress.phase(case.name, f"building {len(line_up)} contenders ({n / 1e6:.2f}M params, "
                               f"{len(shapes)} tensors)")
@@ -137,12 +184,23 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
             results[c.name] = _skipped(c, f"setup failed: {_ct.short_error(e)}")
         if c.name in results:
             _free(st.device)
+
+    progress.phase(case.name, "first step of each contender (compilation included), checked by the guard")
+    for name, reason in _guarded_first_steps(case, runners, by_name, src_p, src_g, st.device).items():
+        results[name] = _failed(by_name[name], reason)
+        _free(st.device)
     del src_p, src_g
 
+    # The guarded first step counts as the first of the warm-up steps.
     progress.phase(case.name, f"warm-up {st.warmup} step(s)")
-    for name, reason in timing.warm_up(runners, st.warmup, st.device).items():
-        results[name] = _skipped(by_name[name], reason)
+    watch = _guard.StillMoving(by_name)
+    for name, reason in timing.warm_up(runners, max(1, st.warmup - 1), st.device, watch=watch).items():
+        results[name] = _failed(by_name[name], reason)
     timing.calibrate(runners, st.min_sample_s, st.max_inner, st.device)
+    slow = timing.limit_slow(runners, case.baseline, st.repeats)
+    for name, step_s in slow.items():
+        progress.note(f"{case.name}: {name} is slow ({step_s:.2f} s/step): timed in at most "
+                      f"{max(2, st.repeats // 4)} of {st.repeats} rounds")
 
     progress.phase(case.name, f"timing {len(runners)} contenders x {st.repeats} rounds")
     done = [0]
@@ -159,11 +217,13 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
     doc["bandwidth_gb_s"] = case_bw
     del probe
     doc["rounds"] = done[0]
+    doc["slow"] = {name: dict(step_s=step_s, rounds=len(next(r for r in runners if r.name == name).samples))
+                   for name, step_s in slow.items() if any(r.name == name for r in runners)}
     if done[0] < st.repeats:
         progress.update(st.repeats - done[0])
         progress.note(f"{case.name}: time budget reached after {done[0]} of {st.repeats} rounds")
     for name, reason in failed.items():
-        results[name] = _skipped(by_name[name], reason)
+        results[name] = _failed(by_name[name], reason)
 
     for r in runners:
         try:
@@ -172,8 +232,8 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
             peak = None
         results[r.name] = _result(r, by_name[r.name], case_bw, st.device, peak)
 
-    # Ratios are to torch's fused optimizer; a case without one (EMA) uses torch's foreach.
-    base_name = _ct.BASELINE if _ct.BASELINE in results else "torch-foreach"
+    # Ratios are to the case's baseline (torch's fused step; EMA: torch's foreach lerp).
+    base_name = case.baseline if case.baseline in results else "torch-foreach"
     doc["baseline"] = base_name
     base = results.get(base_name)
     if base and base["status"] == "ok":

@@ -94,16 +94,21 @@ class BandwidthProbe:
         return 8 * self.numel / statistics.median(self.samples) / 1e9
 
 
-def warm_up(runners, steps: int, device: str) -> dict:
+def warm_up(runners, steps: int, device: str, watch=None) -> dict:
     """Run ``steps`` steps of each runner (creating state), timing the last one into
     ``runner.warm_s``; ``{name: reason}`` of those that failed, which are removed from
-    ``runners``."""
+    ``runners``. ``watch`` (``before(r) -> token``, ``after(r, token) -> reason or None``)
+    surrounds the last step, e.g. to check that it still moves the params."""
     failed = {}
     for r in list(runners):
         try:
             for _ in range(max(1, steps) - 1):
                 r.step()
+            token = watch.before(r) if watch is not None else None
             r.warm_s = _timed(r.step, 1, device)
+            reason = watch.after(r, token) if watch is not None else None
+            if reason:
+                failed[r.name] = reason
         except Skip as e:
             failed[r.name] = str(e)
         except Exception as e:  # noqa: BLE001
@@ -123,17 +128,41 @@ def calibrate(runners, min_sample_s: float, max_inner: int, device: str) -> None
         r.inner = inner_steps(one, min_sample_s, max_inner)
 
 
+# A contender whose step takes more than SLOW_FACTOR times the case's baseline step and more
+# than SLOW_MIN_S (e.g. bitsandbytes' 8-bit AdamW on the CPU) is timed in fewer rounds, so
+# that it does not set the length of the run.
+SLOW_FACTOR, SLOW_MIN_S = 5.0, 0.5
+
+
+def limit_slow(runners, baseline: str, rounds: int) -> dict:
+    """Sets ``max_samples`` (``max(2, rounds // 4)``) on slow runners, judged by their warm-up
+    step; returns ``{name: seconds per step}`` of those."""
+    base = next((r.warm_s for r in runners if r.name == baseline and r.warm_s), None)
+    floor = SLOW_MIN_S if base is None else max(SLOW_MIN_S, SLOW_FACTOR * base)
+    slow = {}
+    for r in runners:
+        if r.name != baseline and r.warm_s is not None and r.warm_s > floor:
+            r.max_samples = max(2, rounds // 4)
+            slow[r.name] = r.warm_s
+    return slow
+
+
 def interleaved(runners, rounds: int, device: str, on_round=None, deadline: float | None = None,
                 min_rounds: int = 3) -> dict:
     """Round-robin timing: each round takes one sample of every runner, starting one further
     along each round. Stops after ``rounds``, or once ``time.perf_counter()`` passes
-    ``deadline`` with at least ``min_rounds`` done. Appends seconds/step to ``runner.samples``;
-    returns ``{name: reason}`` of runners that raised (removed from ``runners``)."""
+    ``deadline`` with at least ``min_rounds`` done; a runner with ``max_samples`` set (a slow
+    one) sits out the rounds after it has that many. Appends seconds/step to
+    ``runner.samples``; returns ``{name: reason}`` of runners that raised (removed from
+    ``runners``)."""
     failed = {}
     for i in range(rounds):
         n = len(runners)
         order = runners[i % n:] + runners[: i % n] if n else []
         for r in order:
+            limit = getattr(r, "max_samples", None)
+            if limit is not None and len(r.samples) >= limit:
+                continue
             try:
                 r.samples.append(_timed(r.step, r.inner, device))
             except Exception as e:  # noqa: BLE001
