@@ -50,9 +50,11 @@ FUSEDOPT_HD void schedule_free_move(C& y, C& z, C d, const ScheduleFreeScalars<C
   z = z - k.lr * d;
 }
 
-struct ScheduleFreeAdamW {
+// What both variants share: no variant flag, every state read at every step, the scalars.
+template <int STATES>
+struct ScheduleFreeRow {
   template <bool>
-  static constexpr int kStates = 2;
+  static constexpr int kStates = STATES;
   template <bool, bool>
   static constexpr FUSEDOPT_HD bool reads_state(int) { return true; }
   static constexpr bool kUsesFirst = false;
@@ -64,7 +66,9 @@ struct ScheduleFreeAdamW {
   static FUSEDOPT_HD Scalars<C> scalars(const double* group, double lr, double, float unscale) {
     return schedule_free_scalars<C>(group, lr, unscale);
   }
+};
 
+struct ScheduleFreeAdamW : ScheduleFreeRow<2> {
   // s = {z, exp_avg_sq}.
   template <bool, bool, typename C>
   static FUSEDOPT_HD void update(C& y, C g, C (&s)[3], const Scalars<C>& k) {
@@ -79,21 +83,7 @@ struct ScheduleFreeAdamW {
   }
 };
 
-struct ScheduleFreeSgd {
-  template <bool>
-  static constexpr int kStates = 1;
-  template <bool, bool>
-  static constexpr FUSEDOPT_HD bool reads_state(int) { return true; }
-  static constexpr bool kUsesFirst = false;
-  static constexpr bool kQuantizable = false;
-  template <typename C>
-  using Scalars = ScheduleFreeScalars<C>;
-
-  template <typename C>
-  static FUSEDOPT_HD Scalars<C> scalars(const double* group, double lr, double, float unscale) {
-    return schedule_free_scalars<C>(group, lr, unscale);
-  }
-
+struct ScheduleFreeSgd : ScheduleFreeRow<1> {
   // s = {z}.
   template <bool, bool, typename C>
   static FUSEDOPT_HD void update(C& y, C g, C (&s)[3], const Scalars<C>& k) {
