@@ -96,10 +96,12 @@ def grads_to(grads, device=None):
 
 
 def on_device(kwargs, device):
-    """kwargs with a tensor lr moved to ``device`` (a fresh tensor per optimizer)."""
+    """kwargs with a tensor lr (and tensor betas) moved to ``device`` (fresh tensors per optimizer)."""
     kw = copy.deepcopy(kwargs)
     if isinstance(kw.get("lr"), torch.Tensor):
         kw["lr"] = kw["lr"].to(device)
+    if isinstance(kw.get("betas"), tuple) and isinstance(kw["betas"][0], torch.Tensor):
+        kw["betas"] = tuple(b.to(device) for b in kw["betas"])
     return kw
 
 
@@ -556,7 +558,34 @@ GRAPH_CASES = [
      dict(lr=T(0.01), max_grad_norm=1.0, track_stats=True, amsgrad=True), F32),
     ("sgd-momentum-fp32-tensor-lr", "SGD", dict(lr=T(0.1), momentum=0.9, nesterov=True), F32),
     ("sgd-bf16-sr", "SGD", dict(lr=0.05, stochastic_rounding=True, seed=11), BF16),
+    # Issue 13.5: tensor betas on the GPU are read by the kernel, so the step is capturable.
+    ("adamw-fp32-device-tensor-betas", "AdamW", dict(lr=0.01, betas=(T(0.85), T(0.95))), F32),
 ]
+
+
+def test_device_tensor_betas_match_float_betas_without_a_host_sync():
+    """Issue 13.5: float32 CUDA tensor betas give the bits of the same (float32-valued) float
+    betas, and no host sync."""
+    params0 = make_params(MANY_SHAPES)
+    grads = grads_to(make_grads(MANY_SHAPES, steps=3))
+    runs = []
+    b1, b2 = torch.tensor(0.85), torch.tensor(0.95)
+    for betas in ((float(b1), float(b2)), (b1.to(DEV), b2.to(DEV))):
+        params = to_dev(params0)
+        opt = fusedopt.AdamW(params, lr=0.01, betas=betas)
+        for k in range(3):
+            for p, g in zip(params, grads[k]):
+                p.grad = g.clone()
+            if k > 0 and isinstance(betas[0], torch.Tensor):
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=[c[0] for c in GRAPH_CASES])

@@ -57,6 +57,7 @@ struct StepTensor {
   float* absmax[3];  // 8-bit states (quantized.h): per-block absmax of state 0, 1, 2
   float* step;   // read here (old value), advanced by increment_steps_kernel afterwards
   const float* lr;
+  const float* beta[2];  // tensor betas on the device (kColBeta1/2), or null
   uint64_t seed;
   int64_t param_index;
   int64_t rng_offset;   // global index of the first element (shards of a larger param)
@@ -95,6 +96,8 @@ StepTensor step_tensor(const StepCall& call, int64_t t) {
   for (int k = 0; k < 3; ++k) m.absmax[k] = reinterpret_cast<float*>(row[kColAbsmax0 + k]);
   m.step = reinterpret_cast<float*>(row[kColStep]);
   m.lr = reinterpret_cast<const float*>(row[kColLr]);
+  m.beta[0] = reinterpret_cast<const float*>(row[kColBeta1]);
+  m.beta[1] = reinterpret_cast<const float*>(row[kColBeta2]);
   m.seed = uint64_t(row[kColSeed]);
   m.param_index = row[kColParamIndex];
   m.rng_offset = row[kColRngOffset];
@@ -128,6 +131,20 @@ __device__ __forceinline__ double next_step(const float* step) {
 
 __device__ __forceinline__ double tensor_lr(const StepTensor& t) {
   return t.lr != nullptr ? double(*t.lr) : t.group[kGroupLr];
+}
+
+// The algorithm's per-tensor scalars from the tensor's group row, with tensor betas that live
+// on the device read here (thread 0, once per block): no host sync, capturable.
+template <class A, typename C>
+__device__ __forceinline__ typename A::template Scalars<C> tensor_scalars(const StepTensor& t, double step,
+                                                                           float unscale) {
+  if (t.beta[0] == nullptr && t.beta[1] == nullptr) return A::template scalars<C>(t.group, tensor_lr(t), step, unscale);
+  double group[kNumGroupFields];
+#pragma unroll
+  for (int f = 0; f < kNumGroupFields; ++f) group[f] = t.group[f];
+  if (t.beta[0] != nullptr) group[kGroupBeta1] = double(*t.beta[0]);
+  if (t.beta[1] != nullptr) group[kGroupBeta2] = double(*t.beta[1]);
+  return A::template scalars<C>(group, tensor_lr(t), step, unscale);
 }
 
 // ---- track_stats -------------------------------------------------------------------------------
@@ -182,7 +199,7 @@ struct AlgorithmStep {
   using Scalars = typename A::template Scalars<ComputeOf<P>>;
 
   __device__ static Scalars scalars(const StepTensor& t, double step, float unscale) {
-    return A::template scalars<ComputeOf<P>>(t.group, tensor_lr(t), step, unscale);
+    return tensor_scalars<A, ComputeOf<P>>(t, step, unscale);
   }
 
   template <bool FIRST, typename Stats>
@@ -336,7 +353,7 @@ struct QuantizedStepFunctor {
     float unscale = 1.0f;
     if (!read_unscale(scalars, &unscale)) return;  // every thread reads the same scalars
     const double step = next_step(t.step);
-    const Scalars s = A::template scalars<ComputeOf<P>>(t.group, tensor_lr(t), step, unscale);
+    const Scalars s = tensor_scalars<A, ComputeOf<P>>(t, step, unscale);
     const RoundingKeys keys = rounding_keys(t.seed, t.param_index, int64_t(step), t.rng_offset);
     if (A::kUsesFirst && t.first != 0) run<A::kUsesFirst>(t, c, s, keys);
     else run<false>(t, c, s, keys);

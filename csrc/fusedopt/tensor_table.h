@@ -27,7 +27,9 @@ enum TableColumn : int {
   kColAbsmax0 = 14,    // 8-bit states (quantized.h): fp32 absmax per block of state 0, 1, 2
   kColAbsmax1 = 15,
   kColAbsmax2 = 16,
-  kNumTableColumns = 17,
+  kColBeta1 = 17,      // optional float32* on the device: a tensor beta1 / beta2 read by the
+  kColBeta2 = 18,      // CUDA kernel in place of the group's (0 = the group table's value)
+  kNumTableColumns = 19,
 };
 
 enum TableFlags : int64_t { kFlagFirstStep = 1 };

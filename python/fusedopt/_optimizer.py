@@ -385,6 +385,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """What of a group shapes the plan (a change rebuilds it); scalars like lr do not."""
         lr = group["lr"]
         lr_kind = (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None
+        betas = group.get("betas")
+        if isinstance(betas, tuple) and isinstance(betas[0], torch.Tensor):
+            lr_kind = (lr_kind, tuple((b.device, b.dtype) for b in betas))
         return (self._variant(group), self._precision(group), group.get("state_dtype"), self._uses_step(group),
                 lr_kind, group.get("seed", 0))
 
@@ -473,6 +476,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and lr.device == p.device and p.device.type == "cuda" and self._device_lr:
                 b.lr_rows.append((len(b.params), gi))
+            if _device_betas(group, p.device) is not None:
+                b.beta_rows.append((len(b.params), gi))
             if staged:
                 b.writebacks.append((p, layout))
                 reusable = False
@@ -508,6 +513,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 lr = 0.0 if (lr.device.type == "cuda" and lr.device == device and self._device_lr) else float(lr)
+            betas = group.get("betas")
+            if isinstance(betas, tuple) and any(isinstance(b, torch.Tensor) for b in betas):
+                # Tensor betas on this GPU are read by the kernel (COL_BETA1/2): no host sync.
+                on_gpu = _device_betas(group, device) is not None
+                group = dict(group, betas=tuple(0.0 if on_gpu else float(b) for b in betas))
             rows.append(self._group_row(group, lr))
         return np.asarray(rows, dtype=np.float64).reshape(-1, B.GROUP_FIELDS)
 
@@ -561,6 +571,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             keep += [gs, fi, cc]
             for row, gi in b.lr_rows:
                 b.table[row, B.COL_LR] = self.param_groups[gi]["lr"].data_ptr()
+            for row, gi in b.beta_rows:
+                beta1, beta2 = self.param_groups[gi]["betas"]
+                b.table[row, B.COL_BETA1], b.table[row, B.COL_BETA2] = beta1.data_ptr(), beta2.data_ptr()
             groups = group_rows.get(b.device)
             if groups is None:
                 groups = group_rows[b.device] = self._group_rows(b.device)
@@ -606,6 +619,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if stats is None:
             raise RuntimeError("stats() is available after the first step()")
         return stats
+
+
+def _device_betas(group: dict, device: torch.device):
+    """The group's tensor betas when the CUDA kernel on `device` reads them itself (float32 0-dim
+    tensors on that GPU), else None."""
+    betas = group.get("betas")
+    if (device.type == "cuda" and isinstance(betas, tuple) and len(betas) == 2
+            and all(isinstance(b, torch.Tensor) and b.device == device and b.dtype == torch.float32 for b in betas)):
+        return betas
+    return None
 
 
 def _ptr(t: torch.Tensor | None) -> int:

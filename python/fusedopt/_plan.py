@@ -30,6 +30,7 @@ class Bucket:
     keepalive: list = field(default_factory=list)  # every tensor whose address is in the table
     table: np.ndarray | None = None
     lr_rows: list = field(default_factory=list)   # (row, group index) of rows with a device lr
+    beta_rows: list = field(default_factory=list)  # (row, group index) of rows with device tensor betas
     writebacks: list = field(default_factory=list)  # (param, contiguous stand-in) to copy back
     first_step_rows: bool = False
     # Rows whose param (and grad) is dense but not contiguous (channels_last, a transposed
@@ -47,6 +48,7 @@ class Bucket:
         self.table = np.array([self.rows[i] for i in order], dtype=np.int64).reshape(-1, B.TABLE_COLUMNS)
         self.params = [self.params[i] for i in order]
         self.lr_rows = [(where[row], gi) for row, gi in self.lr_rows]
+        self.beta_rows = [(where[row], gi) for row, gi in self.beta_rows]
         self.n_contiguous = len(self.rows) - sum(bool(x) for x in self.strided)
         self.rows = []
         self.first_step_rows = bool((self.table[:, B.COL_FLAGS] & B.FLAG_FIRST_STEP).any())

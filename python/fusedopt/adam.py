@@ -13,13 +13,16 @@ def _as_float(x):
 
 def _check_betas(betas):
     """torch's rules for tensor betas: both floats or both 1-element tensors (kept as 0-dim
-    tensors, read once per step)."""
+    tensors). On a CPU bucket they are read on the host each step; a float32 pair on the
+    params' GPU is read by the CUDA kernel itself (no host sync, capturable in a CUDA graph)."""
     if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
             or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
         raise ValueError("betas must be either both floats or both Tensors")
     for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor) and b.numel() != 1:
             raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if isinstance(b, torch.Tensor) and b.device.type == "cuda" and b.dtype != torch.float32:
+            raise ValueError(f"Tensor betas[{i}] on CUDA must be float32 (fusedopt reads it in the kernel)")
     return tuple(b.reshape(()) if isinstance(b, torch.Tensor) else b for b in betas)
 
 
