@@ -588,6 +588,21 @@ def test_device_tensor_betas_match_float_betas_without_a_host_sync():
         assert torch.equal(a, b)
 
 
+def test_capturing_a_first_step_raises_and_changes_nothing():
+    """Issue 13.7: a first step (state to create, SGD's first-step flag) cannot be captured."""
+    params = to_dev(make_params(MANY_SHAPES))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    opt = fusedopt.SGD(params, lr=0.1, momentum=0.9)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.cuda.synchronize()
+    assert not opt.state and all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=[c[0] for c in GRAPH_CASES])
 def test_cuda_graph_replay_equals_eager_steps(case):
     _, name, kwargs, dtype = case

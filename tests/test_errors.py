@@ -359,3 +359,28 @@ def test_tensor_lr_replaced_after_the_first_step_is_used():
         opt.step()
         ref.step()
         assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 13.7: a step that would create state is refused while a CUDA graph is being captured.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.1, momentum=0.9)), ("AdamW", dict(lr=0.1))])
+def test_capturing_a_first_step_raises_before_anything_changes(monkeypatch, name, kw):
+    """The capture check on the host (the CUDA suite captures real graphs after eager steps):
+    while a capture is under way, a first step (state to create, SGD's first-step flag to bake
+    in) raises a clear error and changes nothing; after an eager step, capturing is allowed."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = getattr(fusedopt, name)([p], **kw)
+    p.grad = torch.ones(4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4)) and not opt.state
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.step()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    opt.step()  # the plan exists and no first-step rows remain: allowed (runs here on the CPU)
+    assert float(opt.state[p].get("step", torch.tensor(2.0))) == 2.0

@@ -555,6 +555,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
             if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
                 raise ValueError(f"group {gi}: Invalid learning rate: {lr}")
+        self._refuse_capturing_a_first_step()
         plan = self._current_plan()
         self._begin_step()
         if not plan.buckets:
@@ -594,6 +595,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         if stats:
             self._finish_stats(stats, grad_scale)
         return loss
+
+    def _refuse_capturing_a_first_step(self) -> None:
+        """A step that builds the plan creates state (host-to-device copies) and, on a first
+        step, reads found_inf and clears the first-step flags on the host: none of that can be
+        captured in a CUDA graph, and a captured SGD first step would reset the momentum on
+        every replay. Such a step raises before anything changes; capture after an eager step,
+        as torch's CUDA-graph recipe does with its warm-up iterations."""
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        plan = self._plan
+        if plan is None or not plan.still_valid(self) or any(b.first_step_rows for b in plan.buckets):
+            raise RuntimeError(
+                "fusedopt: this step would create optimizer state (a first step, or the first after params, "
+                "groups or state changed), which cannot be captured in a CUDA graph; run it eagerly before "
+                "capturing (e.g. torch's warm-up iterations on a side stream)")
 
     # ---- telemetry (track_stats) -----------------------------------------------------------
     def _stats_buffers(self, plan: Plan) -> dict:
