@@ -80,6 +80,20 @@ void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& n
 // torch's own accessors (TensorBase.data_ptr, .is_contiguous, .grad, .dtype), handed over
 // once by the Python layer so the per-step loop below calls them directly instead of
 // looking each attribute up by name on every tensor.
+void copy(const Int64Array& dsts, const Int64Array& srcs, const Int64Array& nbytes, int num_threads) {
+  bindings::check_lists({&dsts, &srcs, &nbytes}, "dsts, srcs and nbytes");
+  CopyCall call;
+  call.dsts = dsts.data();
+  call.srcs = srcs.data();
+  call.nbytes = nbytes.data();
+  call.n_tensors = dsts.shape(0);
+  for (int64_t t = 0; t < call.n_tensors; ++t)
+    if (call.nbytes[t] < 0) throw std::invalid_argument("fusedopt: copy sizes must be >= 0");
+  call.num_threads = num_threads > 0 ? num_threads : 1;
+  py::gil_scoped_release release;
+  active_kernels().copy(call);
+}
+
 struct TensorAccessors {
   PyObject* data_ptr = nullptr;       // method descriptor
   PyObject* is_contiguous = nullptr;  // method descriptor
@@ -156,6 +170,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("average", &average, py::arg("avgs"), py::arg("srcs"), py::arg("numels"), py::arg("src_dtype"),
         py::arg("weight"), py::arg("num_threads") = 1,
         "avg += weight * (src - avg) over fp32 averages of float32/bfloat16/float16 sources.");
+  m.def("copy", &copy, py::arg("dsts"), py::arg("srcs"), py::arg("nbytes"), py::arg("num_threads") = 1,
+        "dst[t][:nbytes[t]] = src[t][:nbytes[t]] over non-overlapping byte ranges, streaming stores where the "
+        "instruction set has them.");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   m.attr("table_columns") = int(kNumTableColumns);

@@ -307,8 +307,8 @@ def test_snapshot_buffers_reused_and_copies_batched(monkeypatch):
     ctl.search(task.train_step, task.evaluate)
     buffers = [b.data_ptr() for b in ctl._snapshot._buffers]
     calls = []
-    real = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src, **kw: (calls.append(len(dst)), real(dst, src, **kw)))
+    real = fusedopt._multi_tensor.copy_
+    monkeypatch.setattr(fusedopt._multi_tensor, "copy_", lambda dst, src: (calls.append(len(dst)), real(dst, src)))
     ctl.search(task.train_step, task.evaluate)
     assert [b.data_ptr() for b in ctl._snapshot._buffers] == buffers, "buffers were reallocated"
     # Buckets: float32 (params, moments, steps, running stats) and int64 (num_batches_tracked);
@@ -321,7 +321,7 @@ def test_snapshot_buffers_reused_and_copies_batched(monkeypatch):
     extra.grad = torch.ones(3)
     task.opt.step()
     before = extra.detach().clone(), task.opt.state[extra]["exp_avg"].clone()
-    monkeypatch.setattr(torch, "_foreach_copy_", real)
+    monkeypatch.setattr(fusedopt._multi_tensor, "copy_", real)
     ctl.search(task.train_step, task.evaluate)
     assert len(ctl._snapshot._buffers) == len(buffers) + 4  # param, exp_avg, exp_avg_sq, step
     assert torch.equal(extra, before[0]) and torch.equal(task.opt.state[extra]["exp_avg"], before[1])
@@ -611,3 +611,41 @@ def test_demo_counts_trial_steps(tmp_path):
     assert ada["steps_taken"] == 400  # no search is started that would overrun the budget
     assert runs["adam"]["curve"]["lr"] == [1e-3] * len(runs["adam"]["curve"]["lr"])
     assert max(runs["adam+wsd"]["curve"]["lr"]) <= 1e-3 and runs["adam+wsd"]["curve"]["lr"][-1] < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The multi-tensor copy the snapshot uses
+# --------------------------------------------------------------------------------------------
+
+
+def test_multi_tensor_copy_is_bit_exact_on_odd_sizes_offsets_and_layouts():
+    """The CPU kernel's copy (streaming stores with an unaligned head and tail) against
+    torch's copy_: every byte, for sizes around the 64-byte line and the 2 MiB chunk, views
+    starting at odd offsets, channels_last, bf16/int64/float64 and NaN payloads."""
+    gen = torch.Generator().manual_seed(0)
+    srcs, dsts = [], []
+    for n in (0, 1, 15, 16, 17, 63, 64, 65, 1000, (1 << 19) + 3, (1 << 21) + 5):
+        base = torch.randn(n + 3, generator=gen)
+        srcs.append(base[3:])  # starts 12 bytes into its storage
+        dsts.append(torch.empty(n + 1)[1:])
+    srcs.append(torch.randn(8, 3, 5, 7, generator=gen).to(memory_format=torch.channels_last))
+    dsts.append(torch.empty(8, 3, 5, 7).to(memory_format=torch.channels_last))
+    srcs.append(torch.randn(1001, generator=gen).bfloat16())
+    dsts.append(torch.empty(1001, dtype=torch.bfloat16))
+    srcs.append(torch.arange(777, dtype=torch.int64))
+    dsts.append(torch.empty(777, dtype=torch.int64))
+    nan = torch.tensor([float("nan")] * 9, dtype=torch.float64)
+    nan.view(torch.int64)[::2] |= 0x5
+    srcs.append(nan)
+    dsts.append(torch.empty(9, dtype=torch.float64))
+    fusedopt._multi_tensor.copy_(dsts, srcs)
+    for d, s in zip(dsts, srcs):
+        assert d.stride() == s.stride()
+        assert torch.equal(d.contiguous().view(torch.uint8), s.contiguous().view(torch.uint8))
+
+
+def test_multi_tensor_copy_refuses_mismatched_pairs():
+    with pytest.raises(ValueError, match="same shape, dtype, device and layout"):
+        fusedopt._multi_tensor.copy_([torch.empty(3)], [torch.empty(4)])
+    with pytest.raises(ValueError, match="dsts has 1 tensors, srcs has 2"):
+        fusedopt._multi_tensor.copy_([torch.empty(3)], [torch.empty(3), torch.empty(3)])

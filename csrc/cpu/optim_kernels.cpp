@@ -2,8 +2,12 @@
 // AVX-512) into its own namespace, FUSEDOPT_ISA; the compiler auto-vectorizes the inner
 // loops from the shared scalar math, and dispatch.cpp picks a build at import.
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "../fusedopt/averaging.h"
@@ -321,13 +325,58 @@ void average(const AverageCall& call) {
   throw std::invalid_argument("fusedopt: unsupported dtype for average");
 }
 
+// One piece of a copy. Where the ISA has them, streaming (non-temporal) stores: a copy's
+// destination (a snapshot, or the live tensors on restore) is not read back soon, so skipping
+// the read the cache does before each ordinary store saves a third of the traffic.
+void copy_piece(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+  constexpr int64_t kLine = 64;
+#else
+  constexpr int64_t kLine = 32;
+#endif
+  int64_t head = int64_t((kLine - (reinterpret_cast<uintptr_t>(dst) & (kLine - 1))) & (kLine - 1));
+  head = head < n ? head : n;
+  std::memcpy(dst, src, size_t(head));
+  int64_t i = head;
+  for (; i + kLine <= n; i += kLine) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+#endif
+  }
+  std::memcpy(dst + i, src + i, size_t(n - i));
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before the region's barrier
+#else
+  std::memcpy(dst, src, size_t(n));
+#endif
+}
+
+// The byte ranges laid end to end in 64-byte units, cut into the usual chunks (2 MiB), all
+// threads on all chunks.
+void copy(const CopyCall& call) {
+  constexpr int64_t kUnit = 64;
+  const WorkList work(call.n_tensors, [&](int64_t t) { return (call.nbytes[t] + kUnit - 1) / kUnit; });
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
+    work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+      const int64_t first = begin * kUnit;
+      const int64_t last = end * kUnit < call.nbytes[t] ? end * kUnit : call.nbytes[t];
+      copy_piece(reinterpret_cast<char*>(call.dsts[t]) + first, reinterpret_cast<const char*>(call.srcs[t]) + first,
+                 last - first);
+    });
+  });
+}
+
 }  // namespace
 
 #define FUSEDOPT_STR2(x) #x
 #define FUSEDOPT_STR(x) FUSEDOPT_STR2(x)
 
 KernelTable kernels() {
-  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average};
+  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average,
+          copy};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

@@ -40,12 +40,22 @@ struct AverageCall {
   int num_threads = 1;
 };
 
+// dst[t][0, nbytes[t]) = src[t][0, nbytes[t]) over a list of byte ranges that do not overlap.
+struct CopyCall {
+  const int64_t* dsts = nullptr;
+  const int64_t* srcs = nullptr;
+  const int64_t* nbytes = nullptr;
+  int64_t n_tensors = 0;
+  int num_threads = 1;
+};
+
 // Every kernel of one instruction-set build; dispatch.cpp picks one table at import.
 struct KernelTable {
   const char* isa;
   void (*step)(const StepCall&);
   double (*sum_squares)(const ReduceCall&);
   void (*average)(const AverageCall&);
+  void (*copy)(const CopyCall&);
 };
 
 }  // namespace fusedopt::cpu

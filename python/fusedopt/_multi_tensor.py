@@ -34,3 +34,27 @@ def average_(avgs: list[torch.Tensor], srcs: list[torch.Tensor], weight: float) 
                 B.TORCH_DTYPE_CODES[dtype], float(weight))
         B.module_for(device).average(*args, **B.launch_kwargs(device))
 
+
+
+def copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """dst.copy_(src) for each pair of the same shape, dtype, device and dense layout (contiguous
+    or the same permutation of it); bit for bit. CPU pairs go through one call of the CPU
+    module (all threads over all pairs, streaming stores where the instruction set has them);
+    others through torch._foreach_copy_, one call per device."""
+    if len(dsts) != len(srcs):
+        raise ValueError(f"dsts has {len(dsts)} tensors, srcs has {len(srcs)}")
+    cpu, other = ([], [], []), defaultdict(lambda: ([], []))
+    for i, (d, s) in enumerate(zip(dsts, srcs)):
+        if d.shape != s.shape or d.dtype != s.dtype or d.device != s.device or d.stride() != s.stride():
+            raise ValueError(f"dsts[{i}] and srcs[{i}] must have the same shape, dtype, device and layout")
+        if d.device.type == "cpu" and B.is_dense(d.shape, d.stride()):
+            cpu[0].append(d.data_ptr())
+            cpu[1].append(s.data_ptr())
+            cpu[2].append(d.numel() * d.element_size())
+        else:
+            other[d.device][0].append(d)
+            other[d.device][1].append(s)
+    if cpu[0]:
+        B._C.copy(*(np.asarray(x, np.int64) for x in cpu), B.num_threads())
+    for d, s in other.values():
+        torch._foreach_copy_(d, s)

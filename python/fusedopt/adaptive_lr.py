@@ -22,7 +22,8 @@ after every trial and continues with the lr that gave the lowest loss::
 
 The snapshot is a set of buffers laid out like the live tensors, allocated once and reused
 by every search while the tensors keep their shapes and dtypes; a snapshot and a restore are
-one ``torch._foreach_copy_`` per (device, dtype) bucket each. What is not snapshotted: the
+one multi-tensor copy per (device, dtype) bucket each (``_multi_tensor.copy_``: on the CPU one
+call of the kernels with streaming stores, elsewhere ``torch._foreach_copy_``). What is not snapshotted: the
 params' ``.grad`` (every ``train_step`` makes fresh ones), and anything outside the optimizer
 and the module (RNG state, a GradScaler, data iterators: trials consume fresh samples, as in
 the paper).
@@ -37,6 +38,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+
+from . import _multi_tensor
 
 __all__ = ["LossAdaptiveLR"]
 
@@ -93,7 +96,7 @@ class _Snapshot:
     module's buffers) that can be restored after a trial.
 
     Tensors are copied into buffers kept between snapshots (reallocated only when the list of
-    shapes/strides/dtypes/devices changes), one ``torch._foreach_copy_`` per (device, dtype)
+    shapes/strides/dtypes/devices changes), one multi-tensor copy per (device, dtype)
     bucket. The restore copies back into the *original* tensor objects and puts those objects
     back where a trial replaced them (state containers, group values), so fusedopt's cached
     pointer table stays valid whenever the trial replaced nothing, and is invalidated by the
@@ -169,7 +172,7 @@ class _Snapshot:
             src.append(t)
         self._buckets = list(buckets.values())
         for buffers, tensors in self._buckets:
-            torch._foreach_copy_(buffers, tensors)
+            _multi_tensor.copy_(buffers, tensors)
         self.taken = True
 
     def saved(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -181,7 +184,7 @@ class _Snapshot:
         if not self.taken:
             raise RuntimeError("restore() before take()")
         for buffers, tensors in self._buckets:
-            torch._foreach_copy_(tensors, buffers)
+            _multi_tensor.copy_(tensors, buffers)
         # Group values: put back replaced objects, drop keys a trial added.
         for group, saved in self._groups:
             for key in [k for k in group if k != "params" and k not in saved]:
