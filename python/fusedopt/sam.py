@@ -1,13 +1,16 @@
 """Sharpness-aware minimization (SAM, ASAM) with the gradient-norm-penalty mix of Zhao et al.
 (2022), around any base optimizer: the ``davda54/sam`` interface, with the vector work done
 per (device, dtype) bucket by ``torch._foreach_*`` calls and the saved copies of ``w`` (and of
-``g(w)``) kept in buffers that are reused from step to step."""
+``g(w)``) kept in buffers that are reused from step to step (copied by ``_multi_tensor.copy_``:
+on the CPU one call of the kernels with streaming stores)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
 import torch
+
+from . import _multi_tensor
 
 _NORM_EPS = 1e-12  # davda54's guard in rho / (||g|| + eps)
 _SAM_KEYS = ("rho", "adaptive", "alpha")
@@ -163,10 +166,10 @@ class SAM(torch.optim.Optimizer):
 
         for b, absp, wg in zip(buckets, abs_params, weighted):
             b.saved_w = [self._buffer(self._w_buffers, p) for p in b.params]
-            torch._foreach_copy_(b.saved_w, b.params)
+            _multi_tensor.copy_(b.saved_w, b.params)
             if b.alpha < 1.0:
                 b.saved_g = [self._buffer(self._g_buffers, p) for p in b.params]
-                torch._foreach_copy_(b.saved_g, b.grads)
+                _multi_tensor.copy_(b.saved_g, b.grads)
             scale = (b.rho / (grad_norm + _NORM_EPS)).to(device=b.params[0].device, dtype=b.params[0].dtype)
             if b.adaptive:
                 # e = (|p| g) * (|p| scale) = scale p^2 g
@@ -187,7 +190,7 @@ class SAM(torch.optim.Optimizer):
     def _restore(self) -> list[_Bucket]:
         buckets, self._pending = self._pending, None
         for b in buckets:
-            torch._foreach_copy_(b.params, b.saved_w)  # bit for bit
+            _multi_tensor.copy_(b.params, b.saved_w)  # bit for bit
         return buckets
 
     @torch.no_grad()
