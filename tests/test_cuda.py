@@ -232,7 +232,35 @@ BIT_CASES = [
     ("adamw-bf16-kahan", "AdamW", dict(lr=0.05, kahan_summation=True), BF16),
     ("adam-fp16", "Adam", dict(lr=0.05), F16),
     ("adamw-fp16-master", "AdamW", dict(lr=0.05, master_weights=True), F16),
+    # The algorithms, dtypes and 8-bit states added with the generic step machinery.
+    ("lion-fp32", "Lion", dict(lr=1e-3, weight_decay=0.1), F32),
+    ("lion-bf16-sr", "Lion", dict(lr=1e-3, stochastic_rounding=True, seed=3), BF16),
+    ("adamw-fp64", "AdamW", dict(lr=0.01, weight_decay=0.1), torch.float64),
+    ("sgd-fp64-nesterov", "SGD", dict(lr=0.1, momentum=0.9, nesterov=True), torch.float64),
+    ("adamw-fp32-8bit", "AdamW", dict(lr=0.01, weight_decay=0.1, state_dtype=torch.uint8), F32),
+    ("adamw-bf16-sr-8bit", "AdamW", dict(lr=0.05, state_dtype=torch.uint8, stochastic_rounding=True, seed=7), BF16),
+    ("sgd-fp32-8bit-momentum", "SGD", dict(lr=0.1, momentum=0.9, state_dtype=torch.uint8), F32),
+    ("lion-fp32-8bit", "Lion", dict(lr=1e-3, state_dtype=torch.uint8), F32),
 ]
+
+
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "SGDScheduleFree"])
+def test_schedule_free_cpu_and_cuda_give_the_same_bits(name):
+    """Schedule-Free steps and its train/eval swap, CPU vs CUDA."""
+    params = make_params(MANY_SHAPES)
+    grads = make_grads(MANY_SHAPES, steps=STEPS)
+    runs = []
+    for device in ("cpu", DEV):
+        ps = [nn.Parameter(p.detach().clone().to(device)) for p in params]
+        opt = getattr(fusedopt, name)(ps, lr=0.01, weight_decay=0.01, warmup_steps=2)
+        opt.train()
+        for row in grads:
+            for p, g in zip(ps, row):
+                p.grad = g.to(device)
+            opt.step()
+        opt.eval()
+        runs.append((ps, opt))
+    assert_all_bits_equal(runs[1][0], runs[1][1], runs[0][0], runs[0][1], msg=name)
 
 
 @pytest.mark.parametrize("case", BIT_CASES, ids=[c[0] for c in BIT_CASES])
