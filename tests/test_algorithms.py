@@ -341,3 +341,20 @@ def test_tensor_lr_and_track_stats(cls):
     stats = a.stats()[0]
     want = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in ps]))
     assert_close(stats["param_norm"], want.float(), msg="param_norm")
+
+
+def test_schedule_free_groups_with_same_shaped_params_match_the_reference():
+    """Each group's row is found by identity: groups whose params lists look alike (same
+    lengths and shapes) must not be compared tensor by tensor."""
+    shapes = [(6, 5)] * 3
+    got_ps = [nn.Parameter(t.clone()) for t in (torch.randn(s, generator=torch.Generator().manual_seed(i))
+                                                 for i, s in enumerate(shapes))]
+    ref_ps = [nn.Parameter(p.detach().clone()) for p in got_ps]
+    got = fusedopt.AdamWScheduleFree([{"params": [p], "lr": 1e-2 * (i + 1)} for i, p in enumerate(got_ps)])
+    ref = schedulefree.AdamWScheduleFree([{"params": [p], "lr": 1e-2 * (i + 1)} for i, p in enumerate(ref_ps)],
+                                         foreach=False)
+    got.train(), ref.train()
+    run(got, got_ps, 4)
+    run(ref, ref_ps, 4)
+    for a, b in zip(got_ps, ref_ps):
+        assert_close(a, b)

@@ -70,7 +70,7 @@ class _ScheduleFree(FusedOptimizer):
         """schedulefree's per-group bookkeeping, in its order: warmup factor, scheduled lr,
         lr_max, the weight of this step in the average and ckp1 = weight / weight_sum."""
         self._rows = {}
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             k = group["k"]
             sched = (k + 1) / group["warmup_steps"] if k < group["warmup_steps"] else 1.0
             lr = float(group["lr"]) * sched
@@ -79,7 +79,7 @@ class _ScheduleFree(FusedOptimizer):
             weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
             weight_sum = group["weight_sum"] = group["weight_sum"] + weight
             ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
-            self._rows[gi] = B.group_row(lr, beta2=self._beta2(group), eps=group.get("eps", 0.0),
+            self._rows[id(group)] = B.group_row(lr, beta2=self._beta2(group), eps=group.get("eps", 0.0),
                                          weight_decay=group["weight_decay"],
                                          aux=(ckp1, self._y_coefficient(group, lr, ckp1),
                                               self._bias_correction2(group, k)))
@@ -89,7 +89,7 @@ class _ScheduleFree(FusedOptimizer):
         return 0.0
 
     def _group_row(self, group, lr):
-        return self._rows[self.param_groups.index(group)]
+        return self._rows[id(group)]  # (by identity: dict equality would compare the params' tensors)
 
     # ---- train / eval -----------------------------------------------------------------------
     def _interpolation_weight(self, group, to_train: bool) -> float:
