@@ -52,6 +52,22 @@ FUSEDOPT_HD C grad_factor(const double* group, float unscale) {
   return (group[kGroupMaximize] != 0.0 ? C(-1) : C(1)) * C(unscale);
 }
 
+// What an update with a learning rate, a grad factor and weight decay starts from (SGD, Lion):
+// the algorithms' Scalars extend it with their own values.
+template <typename C>
+struct StepBaseScalars {
+  C grad_factor;   // (maximize ? -1 : 1) * clip_coef / grad_scale
+  C coupled_wd;    // L2 term added to the grad (coupled mode), else 0
+  C decay_factor;  // param multiplier before the update (1 - lr*wd | 1 - wd | 1)
+  C lr;
+};
+
+template <typename C>
+FUSEDOPT_HD StepBaseScalars<C> step_base_scalars(const double* group, double lr, float unscale) {
+  const DecayTerms<C> decay = decay_terms<C>(group, lr);
+  return {grad_factor<C>(group, unscale), decay.coupled_wd, decay.decay_factor, C(lr)};
+}
+
 // The L2 term of coupled decay; exactly 0 when there is none, as torch then skips the add
 // (0 * inf would turn an inf param into NaN).
 template <typename C>

@@ -17,11 +17,7 @@ struct Lion {
   static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 
   template <typename C>
-  struct Scalars {
-    C grad_factor;
-    C coupled_wd;
-    C decay_factor;
-    C lr;
+  struct Scalars : StepBaseScalars<C> {
     C one_minus_beta1;
     C one_minus_beta2;
   };
@@ -29,11 +25,7 @@ struct Lion {
   template <typename C>
   static FUSEDOPT_HD Scalars<C> scalars(const double* group, double lr, double, float unscale) {
     Scalars<C> s;
-    s.grad_factor = grad_factor<C>(group, unscale);
-    const DecayTerms<C> decay = decay_terms<C>(group, lr);
-    s.coupled_wd = decay.coupled_wd;
-    s.decay_factor = decay.decay_factor;
-    s.lr = C(lr);
+    static_cast<StepBaseScalars<C>&>(s) = step_base_scalars<C>(group, lr, unscale);
     s.one_minus_beta1 = C(1.0 - group[kGroupBeta1]);
     s.one_minus_beta2 = C(1.0 - group[kGroupBeta2]);
     return s;

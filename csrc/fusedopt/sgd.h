@@ -18,11 +18,7 @@ struct Sgd {
   static constexpr bool kQuantizable = true;  // 8-bit states (quantized.h)
 
   template <typename C>
-  struct Scalars {
-    C grad_factor;  // (maximize ? -1 : 1) * clip_coef / grad_scale
-    C coupled_wd;
-    C decay_factor;
-    C lr;
+  struct Scalars : StepBaseScalars<C> {
     C momentum;
     C one_minus_dampening;
     bool nesterov;
@@ -32,11 +28,7 @@ struct Sgd {
   template <typename C>
   static FUSEDOPT_HD Scalars<C> scalars(const double* group, double lr, double, float unscale) {
     Scalars<C> s;
-    s.grad_factor = grad_factor<C>(group, unscale);
-    const DecayTerms<C> decay = decay_terms<C>(group, lr);
-    s.coupled_wd = decay.coupled_wd;
-    s.decay_factor = decay.decay_factor;
-    s.lr = C(lr);
+    static_cast<StepBaseScalars<C>&>(s) = step_base_scalars<C>(group, lr, unscale);
     s.momentum = C(group[kGroupBeta1]);
     s.one_minus_dampening = C(1.0 - group[kGroupBeta2]);
     s.nesterov = group[kGroupNesterov] != 0.0;
