@@ -13,6 +13,7 @@ for :func:`dequantize_state_dict`), and converts bitsandbytes' 8-bit state dicts
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -25,6 +26,13 @@ ABSMAX_SUFFIX = "_absmax"
 
 
 def dynamic_map(signed: bool) -> torch.Tensor:
+    """A fresh copy of :func:`_dynamic_map` (built once per sign: state creation asks for the
+    zero code of every 8-bit moment)."""
+    return _dynamic_map(signed).clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _dynamic_map(signed: bool) -> torch.Tensor:
     """bitsandbytes' dynamic quantization map (7 exponent bits, 8 bits in all): for each
     decade 10^-6 .. 10^0 the midpoints of an even split of [0.1, 1] (2^i of them, 2^(i+1)
     unsigned), negated too when signed, plus 0 and 1; 256 float32 values, sorted."""
