@@ -94,6 +94,24 @@ void copy(const Int64Array& dsts, const Int64Array& srcs, const Int64Array& nbyt
   active_kernels().copy(call);
 }
 
+void sam_perturb(const Int64Array& params, const Int64Array& saved, const Int64Array& grads, const Int64Array& numels,
+                 int dtype, double scale, bool adaptive, int num_threads) {
+  bindings::check_lists({&params, &saved, &grads, &numels}, "params, saved, grads and numels");
+  PerturbCall call;
+  call.params = params.data();
+  call.saved = saved.data();
+  call.grads = grads.data();
+  call.numels = numels.data();
+  call.n_tensors = params.shape(0);
+  call.dtype = to_dtype(dtype, "sam_perturb");
+  if (call.dtype == DType::kUInt8Blockwise) throw std::invalid_argument("fusedopt: sam_perturb takes float params");
+  call.scale = scale;
+  call.adaptive = adaptive;
+  call.num_threads = num_threads > 0 ? num_threads : 1;
+  py::gil_scoped_release release;
+  active_kernels().sam_perturb(call);
+}
+
 struct TensorAccessors {
   PyObject* data_ptr = nullptr;       // method descriptor
   PyObject* is_contiguous = nullptr;  // method descriptor
@@ -170,6 +188,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("average", &average, py::arg("avgs"), py::arg("srcs"), py::arg("numels"), py::arg("src_dtype"),
         py::arg("weight"), py::arg("num_threads") = 1,
         "avg += weight * (src - avg) over fp32 averages of float32/bfloat16/float16 sources.");
+  m.def("sam_perturb", &sam_perturb, py::arg("params"), py::arg("saved"), py::arg("grads"), py::arg("numels"),
+        py::arg("dtype"), py::arg("scale"), py::arg("adaptive"), py::arg("num_threads") = 1,
+        "SAM's first step: saved = p, then p = p + scale * (p^2 if adaptive else 1) * g (fusedopt/sam.h).");
   m.def("copy", &copy, py::arg("dsts"), py::arg("srcs"), py::arg("nbytes"), py::arg("num_threads") = 1,
         "dst[t][:nbytes[t]] = src[t][:nbytes[t]] over non-overlapping byte ranges, streaming stores where the "
         "instruction set has them.");

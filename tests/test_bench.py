@@ -381,7 +381,7 @@ def test_real_peers_tiny(monkeypatch, tmp_path):
         "lion_fp32": {"fusedopt": "=ref", "lion-pytorch": "=ref", "optimi": "=ref", "torch-fused": "moves"},
         "schedulefree_adamw_fp32": {"fusedopt": "moves", "schedulefree": "moves"},
         "sam_sgd": {"fusedopt": "=ref", "pytorch_optimizer-sam": "=ref", "torch-fused": "=ref"},
-        "snapshot_restore": {"fusedopt": "kept", "fusedopt-plain": "=ref", "torch-fused": "=ref"},
+        "snapshot_restore": {"fusedopt": "moves", "fusedopt-plain": "=ref", "torch-fused": "=ref"},
         "ema_update": {"fusedopt": "kept", "torch-foreach": "kept"},
     }
     for case, rows in expect.items():
@@ -391,6 +391,13 @@ def test_real_peers_tiny(monkeypatch, tmp_path):
             assert report._guard_mark(r) == mark, (case, name, r["guard"])
     assert by["sam_sgd"]["torch-fused"]["vs_torch_fused"] == pytest.approx(1.0)
     assert set(doc["peers"]["available"]) == keep
+    # The snapshot case reports its work around the plain step: fusedopt - fusedopt-plain.
+    snap = next(c for c in doc["cases"] if c["name"] == "snapshot_restore")
+    rows = by["snapshot_restore"]
+    assert snap["overhead"]["of"] == "fusedopt-plain"
+    assert snap["overhead"]["ms"] == pytest.approx(rows["fusedopt"]["ms_median"] - rows["fusedopt-plain"]["ms_median"])
+    assert snap["overhead"]["ratio"] == pytest.approx(snap["overhead"]["ms"] / rows["fusedopt-plain"]["ms_median"])
+    assert "fusedopt's work around the fusedopt-plain step" in out
 
 
 # --------------------------------------------------------------------------- installing peers

@@ -316,3 +316,37 @@ def test_misordered_calls_raise_and_change_nothing():
         assert_bits_equal(p.detach(), m)
     with pytest.raises(ValueError, match="closure"):
         fusedopt.SAM(model.parameters(), fusedopt.SGD, lr=0.1).step()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_fused_perturbation_kernel(dtype, adaptive):
+    """fusedopt._multi_tensor.sam_perturb_ (SAM's first step on the CPU): the saved copy is w bit
+    for bit and the params are w + e computed as written here (in float32, float64 for float64
+    params: the kernel's compute type), rounded once to the param dtype."""
+    from fusedopt import _multi_tensor
+    g = torch.Generator().manual_seed(4)
+    shapes = [(33, 17), (1,), (4096 + 5,)]
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    saved = [torch.full_like(p, 7) for p in params]
+    before = [p.clone() for p in params]
+    scale = float(torch.tensor(0.0371).to(dtype))
+    _multi_tensor.sam_perturb_(params, saved, grads, scale, adaptive)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    for p, w, gr, s in zip(params, before, grads, saved):
+        assert_bits_equal(s, w)
+        wc, gc = w.to(compute), gr.to(compute)
+        e = ((wc * wc) * gc) * scale if adaptive else gc * scale
+        assert_bits_equal(p, (wc + e).to(dtype))
+
+
+def test_fused_perturbation_kernel_rejects_mismatched_lists():
+    from fusedopt import _multi_tensor
+    p = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        _multi_tensor.sam_perturb_([p], [torch.zeros(4)], [torch.zeros(5)], 0.1, False)
+    with pytest.raises(ValueError, match=r"saved\[0\]"):
+        _multi_tensor.sam_perturb_([p], [torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], 0.1, False)
+    with pytest.raises(ValueError, match="params, saved and grads"):
+        _multi_tensor.sam_perturb_([p], [], [torch.zeros(4)], 0.1, False)

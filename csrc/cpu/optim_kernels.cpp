@@ -11,9 +11,11 @@
 #include <vector>
 
 #include "../fusedopt/averaging.h"
+#include "../fusedopt/sam.h"
 #include "../fusedopt/step_dispatch.h"
 #include "multi_tensor_cpu.h"
 #include "step_call.h"
+#include "step_inputs.h"
 
 #ifndef FUSEDOPT_ISA
 #error "FUSEDOPT_ISA must name the instruction-set namespace"
@@ -179,10 +181,13 @@ void algorithm_loop(const StepCall& call) {
                                      [&](const double* g, double lr, double step) {
                                        return A::template scalars<C>(g, lr, step, unscale);
                                      });
+  const bool inputs = has_step_inputs(call.table, call.n_tensors);
   for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin,
                                            int64_t end, double* slot) {
+    if (inputs) StepInputs<P, S, PREC>::restore(row, begin, end);
     P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
-    const P* __restrict__ grad = column_ptr<const P>(row, kColGrad, begin);
+    const P* __restrict__ grad =
+        inputs ? StepInputs<P, S, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
     S* __restrict__ s0 = column_ptr<S>(row, kColState0, begin);
     S* __restrict__ s1 = column_ptr<S>(row, kColState1, begin);
     S* __restrict__ s2 = column_ptr<S>(row, kColState2, begin);
@@ -223,12 +228,17 @@ void quantized_loop(const StepCall& call) {
   static_assert(kChunkElements % kQuantBlock == 0, "chunks end on block boundaries");
   StatSlots stats(call, work.chunks());
   const float* maps = call.scalars.qmaps;
+  const bool inputs = has_step_inputs(call.table, call.n_tensors);
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
     work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
       const int64_t* row = call.table + t * kNumTableColumns;
       const TensorPlan<Scalars>& plan = plans[t];
       double* slot = stats.slot(c, row[kColGroup]);
       end = end < row[kColNumel] ? end : row[kColNumel];  // (the work list pads to whole blocks)
+      if (begin >= end) return;
+      if (inputs) StepInputs<P, q8_t, PREC>::restore(row, begin, end);
+      const P* piece_grad =
+          inputs ? StepInputs<P, q8_t, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
       const auto runner = [&](int n, auto body) { run_piece(n, slot, body); };
       for (int64_t b = begin; b < end; b += kQuantBlock) {
         const int n = int(end - b < kQuantBlock ? end - b : kQuantBlock);
@@ -238,7 +248,7 @@ void quantized_loop(const StepCall& call) {
                                   column_ptr<float>(row, kColAbsmax1, b / kQuantBlock),
                                   column_ptr<float>(row, kColAbsmax2, b / kQuantBlock)};
         P* param = column_ptr<P>(row, kColParam, b);
-        const P* grad = column_ptr<const P>(row, kColGrad, b);
+        const P* grad = piece_grad + (b - begin);
         void* extra = extra_ptr<PREC, P>(row, b);
         const RoundingKeys keys = plan.keys.at(b);
         if (A::kUsesFirst && plan.first)
@@ -369,6 +379,48 @@ void copy(const CopyCall& call) {
   });
 }
 
+template <typename T>
+void sam_perturb_typed(const PerturbCall& call) {
+  using C = ComputeOf<T>;
+  const WorkList work(call.n_tensors, [&](int64_t t) { return call.numels[t]; });
+  const C scale = C(call.scale);
+  parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
+    work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
+      T* __restrict__ p = reinterpret_cast<T*>(call.params[t]) + begin;
+      T* __restrict__ saved = reinterpret_cast<T*>(call.saved[t]) + begin;
+      const T* __restrict__ g = reinterpret_cast<const T*>(call.grads[t]) + begin;
+      const int n = int(end - begin);
+      // The flag is hoisted so each loop body stays branch-free.
+      if (call.adaptive) {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+          const T w = p[i];
+          saved[i] = w;
+          store_nearest(p + i, sam_perturbed<C>(load_float(w), load_float(g[i]), scale, true));
+        }
+      } else {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+          const T w = p[i];
+          saved[i] = w;
+          store_nearest(p + i, sam_perturbed<C>(load_float(w), load_float(g[i]), scale, false));
+        }
+      }
+    });
+  });
+}
+
+void sam_perturb(const PerturbCall& call) {
+  switch (call.dtype) {
+    case DType::kFloat32: return sam_perturb_typed<float>(call);
+    case DType::kBFloat16: return sam_perturb_typed<bf16_t>(call);
+    case DType::kFloat16: return sam_perturb_typed<fp16_t>(call);
+    case DType::kFloat64: return sam_perturb_typed<double>(call);
+    case DType::kUInt8Blockwise: break;
+  }
+  throw std::invalid_argument("fusedopt: unsupported dtype for sam_perturb");
+}
+
 }  // namespace
 
 #define FUSEDOPT_STR2(x) #x
@@ -376,7 +428,7 @@ void copy(const CopyCall& call) {
 
 KernelTable kernels() {
   return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average,
-          copy};
+          copy, sam_perturb};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

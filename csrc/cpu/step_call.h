@@ -49,6 +49,20 @@ struct CopyCall {
   int num_threads = 1;
 };
 
+// SAM's first step over a list of params (fusedopt/sam.h): saved[t] = p bit for bit, then
+// p = w + e, in the params' dtype.
+struct PerturbCall {
+  const int64_t* params = nullptr;
+  const int64_t* saved = nullptr;
+  const int64_t* grads = nullptr;
+  const int64_t* numels = nullptr;
+  int64_t n_tensors = 0;
+  DType dtype = DType::kFloat32;
+  double scale = 0.0;
+  bool adaptive = false;
+  int num_threads = 1;
+};
+
 // Every kernel of one instruction-set build; dispatch.cpp picks one table at import.
 struct KernelTable {
   const char* isa;
@@ -56,6 +70,7 @@ struct KernelTable {
   double (*sum_squares)(const ReduceCall&);
   void (*average)(const AverageCall&);
   void (*copy)(const CopyCall&);
+  void (*sam_perturb)(const PerturbCall&);
 };
 
 }  // namespace fusedopt::cpu

@@ -29,7 +29,22 @@ enum TableColumn : int {
   kColAbsmax2 = 16,
   kColBeta1 = 17,      // optional float32* on the device: a tensor beta1 / beta2 read by the
   kColBeta2 = 18,      // CUDA kernel in place of the group's (0 = the group table's value)
-  kNumTableColumns = 19,
+  // Inputs read from elsewhere for one step (the CPU kernels only; 0 = none). The step first
+  // takes the param / extra / state k from these buffers (same dtype and layout), then updates
+  // the live ones as usual: a restore (SAM's w, a LossAdaptiveLR snapshot) fused into the
+  // step's pass while each piece is in cache, instead of a separate copy pass. Under master
+  // weights the param is never read (the master is), so kColParamFrom is ignored there.
+  kColParamFrom = 19,
+  kColExtraFrom = 20,
+  kColState0From = 21,  // full-precision states only (not 8-bit codes)
+  kColState1From = 22,
+  kColState2From = 23,
+  // SAM's gradient-norm-penalty mix: the step uses torch.lerp(grad, mix, w) (rounded to the
+  // grad's dtype, as torch's in-place lerp_ would leave it) instead of grad; w is the float64
+  // whose bits kColGradMixWeight holds.
+  kColGradMix = 24,
+  kColGradMixWeight = 25,
+  kNumTableColumns = 26,
 };
 
 enum TableFlags : int64_t { kFlagFirstStep = 1 };

@@ -58,3 +58,24 @@ def copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         B._C.copy(*(np.asarray(x, np.int64) for x in cpu), B.num_threads())
     for d, s in other.values():
         torch._foreach_copy_(d, s)
+
+
+def sam_perturb_(params: list[torch.Tensor], saved: list[torch.Tensor], grads: list[torch.Tensor], scale: float,
+                 adaptive: bool) -> None:
+    """SAM's first step on CPU tensors of one dtype (fusedopt/sam.h): ``saved = p`` bit for bit,
+    then ``p += scale * (p**2 if adaptive else 1) * g``, in one pass. Same shape, dtype and dense
+    layout for the three lists; one call of the CPU kernels."""
+    if not (len(params) == len(saved) == len(grads)):
+        raise ValueError(f"params, saved and grads have {len(params)}, {len(saved)} and {len(grads)} tensors")
+    dtype = params[0].dtype if params else torch.float32
+    for i, (p, w, g) in enumerate(zip(params, saved, grads)):
+        for name, t in (("saved", w), ("grads", g)):
+            if t.shape != p.shape or t.dtype != dtype or t.device.type != "cpu" or t.stride() != p.stride():
+                raise ValueError(f"{name}[{i}] must have params[{i}]'s shape, dtype ({dtype}) and layout, on the CPU")
+        if p.device.type != "cpu" or p.dtype != dtype or not B.is_dense(p.shape, p.stride()):
+            raise ValueError(f"params[{i}] must be a dense CPU tensor of dtype {dtype}")
+    if not params:
+        return
+    ptrs = [np.asarray([t.data_ptr() for t in ts], np.int64) for ts in (params, saved, grads)]
+    numels = np.asarray([p.numel() for p in params], np.int64)
+    B._C.sam_perturb(*ptrs, numels, B.TORCH_DTYPE_CODES[dtype], float(scale), bool(adaptive), B.num_threads())

@@ -13,6 +13,7 @@ from . import _backend as B
 from . import _compile
 from . import _quantization as Q
 from . import _distributed as D
+from . import _step_inputs as SI
 from ._norms import clip_norm_and_factor, on_device, stats_from_sums
 from ._plan import Bucket, Plan
 from ._state import Generation, TrackedState
@@ -103,6 +104,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         __setstate__ (also reached from load_state_dict, between its hooks: only what is
         missing is set), so a deepcopy or an unpickled optimizer works like the original."""
         self._plan: Plan | None = None
+        self._step_inputs = SI.Pending()  # restores and grad mixes the next step does (_step_inputs.py)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("_saved_state", None)
         hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks,
@@ -117,11 +119,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def state(self):
         """torch's per-param state; a container that invalidates the cached pointer table
-        whenever anything in it is replaced."""
+        whenever anything in it is replaced. Restores still pending for the next step
+        (_step_inputs.py) are done first, so the state read is always the real one."""
+        if self.__dict__.get("_step_inputs"):
+            self._flush_step_inputs()
         return self._state
 
     @state.setter
     def state(self, value):
+        if self.__dict__.get("_step_inputs"):
+            self._flush_step_inputs()
         if "_gen" not in self.__dict__:
             self._gen = Generation()
         self._gen.bump()
@@ -503,6 +510,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plan = plan
         return plan
 
+    # ---- one-step inputs (_step_inputs.py) --------------------------------------------------
+    def _defer_copies(self, pairs, *, params: bool = True) -> list:
+        """Hands ``(dst, src)`` copies into this optimizer's params (when ``params``) or their
+        moments / master / Kahan buffers to the next step, which does them inside its pass;
+        returns the pairs it did not take, for the caller to copy now."""
+        return SI.defer_copies(self, pairs, self._step_inputs, params=params)
+
+    def _defer_grad_mix(self, params, mixes, weight: float) -> list:
+        """Hands ``p.grad.lerp_(mix, weight)`` to the next step; returns the ``(param, mix)``
+        pairs it did not take."""
+        return SI.defer_grad_mix(self._step_inputs, params, mixes, weight)
+
+    def _flush_step_inputs(self) -> None:
+        pending, self._step_inputs = self._step_inputs, SI.Pending()
+        SI.flush(pending)
+
     # ---- the step --------------------------------------------------------------------------
     def _group_rows(self, device: torch.device) -> np.ndarray:
         """The group table for the buckets on `device`. A tensor lr on that CUDA device is read
@@ -546,11 +569,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         if torch.compiler.is_compiling():  # torch.compile: the custom-op path (_compile.py)
+            if self._step_inputs:
+                self._flush_step_inputs()
             return _compile.compiled_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pending, self._step_inputs = self._step_inputs, SI.Pending()
+        if not pending:
+            return self._step(loss, None)
+        try:
+            return self._step(loss, pending)
+        finally:
+            SI.flush(pending)  # (what a failed step left; nothing after a kernel took it)
+
+    def _step(self, loss, pending):
         for gi, group in enumerate(self.param_groups):  # a float lr may have been replaced by hand
             lr = group["lr"]
             if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
@@ -562,6 +596,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        inputs_in, keep = [], []
+        if pending:
+            if found_inf is not None:  # a skipped step must still leave everything restored
+                SI.flush(pending)
+            else:
+                inputs_in, keep = SI.attach(pending, plan, mix_allowed=not self.defaults.get("max_grad_norm"))
+        try:
+            self._run_kernels(plan, grad_scale, found_inf)
+        finally:
+            SI.detach(inputs_in)
+        return loss
+
+    def _run_kernels(self, plan: Plan, grad_scale, found_inf) -> None:
         clip = self._clip_coefficients(plan, grad_scale) if self.defaults.get("max_grad_norm") else {}
         group_rows = {}
         stats = self._stats_buffers(plan) if self.defaults.get("track_stats") else {}
@@ -594,7 +641,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 b.clear_first_step()
         if stats:
             self._finish_stats(stats, grad_scale)
-        return loss
 
     def _refuse_capturing_a_first_step(self) -> None:
         """A step that builds the plan creates state (host-to-device copies) and, on a first

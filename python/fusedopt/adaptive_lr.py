@@ -183,8 +183,18 @@ class _Snapshot:
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.taken:
             raise RuntimeError("restore() before take()")
-        for buffers, tensors in self._buckets:
-            _multi_tensor.copy_(tensors, buffers)
+        self._restore_structure(optimizer)
+        pairs = [(t, buf) for buffers, tensors in self._buckets for buf, t in zip(buffers, tensors)]
+        if hasattr(optimizer, "_defer_copies"):
+            # A fusedopt optimizer restores its moments (and master/Kahan buffers) inside the
+            # next step's pass (_step_inputs.py): nothing reads them before that step, and
+            # reading optimizer.state earlier does the copies. Params, buffers and group
+            # tensors are copied now (the next forward pass reads them).
+            pairs = optimizer._defer_copies(pairs, params=False)
+        if pairs:
+            _multi_tensor.copy_([t for t, _ in pairs], [buf for _, buf in pairs])
+
+    def _restore_structure(self, optimizer: torch.optim.Optimizer) -> None:
         # Group values: put back replaced objects, drop keys a trial added.
         for group, saved in self._groups:
             for key in [k for k in group if k != "params" and k not in saved]:

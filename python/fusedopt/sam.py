@@ -2,7 +2,9 @@
 (2022), around any base optimizer: the ``davda54/sam`` interface, with the vector work done
 per (device, dtype) bucket by ``torch._foreach_*`` calls and the saved copies of ``w`` (and of
 ``g(w)``) kept in buffers that are reused from step to step (copied by ``_multi_tensor.copy_``:
-on the CPU one call of the kernels with streaming stores)."""
+on the CPU one call of the kernels with streaming stores). With a fusedopt base optimizer on
+the CPU, the restore of ``w`` and the grad mix are done by the base step itself, inside its
+pass over memory (_step_inputs.py)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _backend as B
 from . import _multi_tensor
 
 _NORM_EPS = 1e-12  # davda54's guard in rho / (||g|| + eps)
@@ -29,6 +32,13 @@ def _check_alpha(alpha) -> None:
 def _check_adaptive(adaptive) -> None:
     if not isinstance(adaptive, bool):
         raise ValueError(f"Invalid adaptive value: {adaptive!r} (True or False)")
+
+
+def _fused_perturb(b) -> bool:
+    """Whether the bucket's first step runs as one pass of the CPU kernels: dense CPU params
+    whose grads share their layout (else torch's foreach ops)."""
+    return all(p.device.type == "cpu" and B.is_dense(p.shape, p.stride()) and g.stride() == p.stride()
+               and g.dtype == p.dtype for p, g in zip(b.params, b.grads))
 
 
 @dataclass
@@ -166,11 +176,17 @@ class SAM(torch.optim.Optimizer):
 
         for b, absp, wg in zip(buckets, abs_params, weighted):
             b.saved_w = [self._buffer(self._w_buffers, p) for p in b.params]
-            _multi_tensor.copy_(b.saved_w, b.params)
             if b.alpha < 1.0:
                 b.saved_g = [self._buffer(self._g_buffers, p) for p in b.params]
                 _multi_tensor.copy_(b.saved_g, b.grads)
             scale = (b.rho / (grad_norm + _NORM_EPS)).to(device=b.params[0].device, dtype=b.params[0].dtype)
+            if _fused_perturb(b):
+                # One pass: save w and move to w + e (the CPU kernels; the scale is a CPU tensor
+                # here, so reading it costs no sync).
+                _multi_tensor.sam_perturb_(b.params, b.saved_w, b.grads, float(scale), b.adaptive)
+                b.grads = []
+                continue
+            _multi_tensor.copy_(b.saved_w, b.params)
             if b.adaptive:
                 # e = (|p| g) * (|p| scale) = scale p^2 g
                 torch._foreach_mul_(absp, scale)
@@ -198,15 +214,25 @@ class SAM(torch.optim.Optimizer):
         """Restores ``w`` exactly, mixes the grads when alpha < 1, and runs the base step."""
         if self._pending is None:
             raise RuntimeError("SAM.second_step() called without first_step()")
-        for b in self._restore():
+        buckets, self._pending = self._pending, None
+        base = self.base_optimizer
+        # A fusedopt base step takes the restore of w and the grad mix into its own pass
+        # (_step_inputs.py); what it cannot take, and everything for other bases, is done here.
+        fused = hasattr(base, "_defer_copies")
+        pairs = [(p, w) for b in buckets for p, w in zip(b.params, b.saved_w)]
+        rest = base._defer_copies(pairs) if fused else pairs
+        if rest:
+            _multi_tensor.copy_(*map(list, zip(*rest)))  # bit for bit
+        for b in buckets:
             if b.alpha >= 1.0:
                 continue
-            pairs = [(p.grad, g_w) for p, g_w in zip(b.params, b.saved_g) if p.grad is not None]
-            if pairs:
-                grads, saved = map(list, zip(*pairs))
-                # g(w+e) + (1 - alpha) (g(w) - g(w+e)) = (1 - alpha) g(w) + alpha g(w+e)
-                torch._foreach_lerp_(grads, saved, 1.0 - b.alpha)
-        self.base_optimizer.step()
+            # g(w+e) + (1 - alpha) (g(w) - g(w+e)) = (1 - alpha) g(w) + alpha g(w+e)
+            mixes = [(p, g_w) for p, g_w in zip(b.params, b.saved_g) if p.grad is not None]
+            if fused:
+                mixes = base._defer_grad_mix([p for p, _ in mixes], [m for _, m in mixes], 1.0 - b.alpha)
+            if mixes:
+                torch._foreach_lerp_([p.grad for p, _ in mixes], [m for _, m in mixes], 1.0 - b.alpha)
+        base.step()
         self._opt_called = True  # an LR scheduler on this object then knows a step happened
         if zero_grad:
             self.zero_grad()

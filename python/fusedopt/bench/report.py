@@ -61,6 +61,10 @@ def _case_notes(case: dict, repeats: int) -> list[str]:
         notes.append(f"{case['rounds']} of {repeats} rounds: time budget reached")
     for name, s in (case.get("slow") or {}).items():
         notes.append(f"{name} slow ({s['step_s']:.2f} s/step): timed in {s['rounds']} rounds")
+    over = case.get("overhead")
+    if over:
+        notes.append(f"fusedopt's work around the {over['of']} step: {over['ms']:.2f} ms = "
+                     f"{over['ratio']:.2f}x one {over['of']} step (medians)")
     return notes
 
 

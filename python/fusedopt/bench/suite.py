@@ -240,6 +240,11 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
         for res in results.values():
             if res["status"] == "ok":
                 res["vs_torch_fused"] = base["ms_median"] / res["ms_median"]
+    over = results.get(case.overhead_of) if case.overhead_of else None
+    mine = results.get("fusedopt")
+    if over and mine and over["status"] == "ok" and mine["status"] == "ok":
+        extra = mine["ms_median"] - over["ms_median"]
+        doc["overhead"] = dict(of=case.overhead_of, ms=extra, ratio=extra / over["ms_median"])
     order = ["fusedopt"] + [c.name for c in line_up]
     doc["results"] = [results[k] for k in dict.fromkeys(order) if k in results]
     doc["elapsed_s"] = time.perf_counter() - t0
