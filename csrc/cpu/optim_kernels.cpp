@@ -390,21 +390,18 @@ void sam_perturb_typed(const PerturbCall& call) {
       T* __restrict__ saved = reinterpret_cast<T*>(call.saved[t]) + begin;
       const T* __restrict__ g = reinterpret_cast<const T*>(call.grads[t]) + begin;
       const int n = int(end - begin);
+      // w is saved with the streaming copy (no read of the saved buffer before its stores),
+      // which also brings the piece of p into cache for the update below.
+      copy_piece(reinterpret_cast<char*>(saved), reinterpret_cast<const char*>(p), int64_t(n) * int64_t(sizeof(T)));
       // The flag is hoisted so each loop body stays branch-free.
       if (call.adaptive) {
 #pragma omp simd
-        for (int i = 0; i < n; ++i) {
-          const T w = p[i];
-          saved[i] = w;
-          store_nearest(p + i, sam_perturbed<C>(load_float(w), load_float(g[i]), scale, true));
-        }
+        for (int i = 0; i < n; ++i)
+          store_nearest(p + i, sam_perturbed<C>(load_float(p[i]), load_float(g[i]), scale, true));
       } else {
 #pragma omp simd
-        for (int i = 0; i < n; ++i) {
-          const T w = p[i];
-          saved[i] = w;
-          store_nearest(p + i, sam_perturbed<C>(load_float(w), load_float(g[i]), scale, false));
-        }
+        for (int i = 0; i < n; ++i)
+          store_nearest(p + i, sam_perturbed<C>(load_float(p[i]), load_float(g[i]), scale, false));
       }
     });
   });
