@@ -1,0 +1,315 @@
+// Adam / AdamW on bf16 params, written with AVX2 intrinsics for the AVX2 build only: there
+// the auto-vectorized generic loop (element.h) spends most of its instructions widening and
+// narrowing bf16 across 128-bit lanes and blending NaN cases, and loses to torch's fused bf16
+// step (issue #19). The AVX-512 build keeps the generic loop (it is tuned, and has
+// instructions this one emulates).
+//
+// Bits equal the generic loop's, element for element: the math is adam.h's update in its
+// operation order with separate multiplies and adds (the build has -ffp-contract=off; never
+// an FMA intrinsic), IEEE divide and square root, and the roundings of precision.h
+// (round-to-nearest-even, stochastic rounding with the same hash and bits, the Kahan store).
+// Precisions: plain, stochastic, Kahan and master weights; states bf16 or fp32.
+//
+// Two tricks carry the speed:
+// * Where every buffer is bf16 (states bf16, no master copy), 16 elements sit in one 256-bit
+//   word and are processed as two halves: the even elements (low 16 bits of each 32-bit lane,
+//   shifted up: one shift) and the odd ones (high 16 bits, masked: one and). A store puts them
+//   back with one shift and one word blend. Elementwise math does not care about the order;
+//   the random bits take each lane's own element index.
+// * The NaN case of the bf16 roundings (a quiet NaN, not the rounding add) is taken by a
+//   branch on one test per 16 elements that no value to be rounded is NaN, not by a select
+//   per value and element; a block with a NaN is redone with the selects.
+//
+// The kernel may assume the in-place form of the table (param and states read and written in
+// place); it handles whole blocks of 16 and the caller finishes the rest with step_element.
+#pragma once
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "../fusedopt/adam.h"
+
+namespace fusedopt::cpu::adam_bf16_avx2 {
+
+constexpr int kBlock = 16;
+
+inline __m256i splat(uint32_t x) { return _mm256_set1_epi32(int(x)); }
+inline __m256i bits(__m256 f) { return _mm256_castps_si256(f); }
+inline __m256 floats(__m256i u) { return _mm256_castsi256_ps(u); }
+
+// ---- layouts of a block of 16 elements in two 8-lane halves ---------------------------------
+// Every buffer bf16: half 0 the even elements, half 1 the odd ones (see the top).
+struct Interleaved {
+  static void load_bf16(const bf16_t* src, __m256 (&h)[2]) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    h[0] = floats(_mm256_slli_epi32(x, 16));
+    h[1] = floats(_mm256_and_si256(x, splat(0xFFFF0000u)));
+  }
+  // `high`: bf16 values in the high 16 bits of each 32-bit lane (the low bits are ignored).
+  static void store_bf16(bf16_t* dst, const __m256i (&high)[2]) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_blend_epi16(_mm256_srli_epi32(high[0], 16), high[1], 0xAA));
+  }
+  static __m256i lane_index(int half) {
+    return half == 0 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14) : _mm256_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15);
+  }
+};
+
+// Some buffer fp32 (states or the master copy): elements 0-7 in half 0, 8-15 in half 1.
+struct Natural {
+  static void load_bf16(const bf16_t* src, __m256 (&h)[2]) {
+    for (int k = 0; k < 2; ++k)
+      h[k] = floats(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * k))), 16));
+  }
+  static void store_bf16(bf16_t* dst, const __m256i (&high)[2]) {
+    // packus interleaves the halves' 128-bit lanes (0-3, 8-11 | 4-7, 12-15); the permute
+    // puts them in order.
+    const __m256i packed = _mm256_packus_epi32(_mm256_srli_epi32(high[0], 16), _mm256_srli_epi32(high[1], 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  static void load_f32(const float* src, __m256 (&h)[2]) {
+    h[0] = _mm256_loadu_ps(src);
+    h[1] = _mm256_loadu_ps(src + 8);
+  }
+  static void store_f32(float* dst, const __m256 (&h)[2]) {
+    _mm256_storeu_ps(dst, h[0]);
+    _mm256_storeu_ps(dst + 8, h[1]);
+  }
+  static __m256i lane_index(int half) { return _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), splat(8u * half)); }
+};
+
+template <class Layout>
+void load(const bf16_t* src, __m256 (&h)[2]) { Layout::load_bf16(src, h); }
+template <class Layout>
+void load(const float* src, __m256 (&h)[2]) { Layout::load_f32(src, h); }
+
+// ---- roundings (precision.h) -----------------------------------------------------------------
+// bf16_nearest_high on 8 lanes; NAN_SAFE = false leaves out the NaN select (the caller has
+// checked that no lane is NaN).
+template <bool NAN_SAFE>
+__m256i nearest_high(__m256 f) {
+  const __m256i u = bits(f);
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, splat(0x7FFFu)),
+                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), splat(1u)));
+  if constexpr (!NAN_SAFE) return r;
+  const __m256i quiet = _mm256_or_si256(u, splat(0x00400000u));
+  return bits(_mm256_blendv_ps(floats(r), floats(quiet), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+// bf16_stochastic_high on 8 lanes; `random16` holds 16 random bits per lane (the high ones 0).
+template <bool NAN_SAFE>
+__m256i stochastic_high(__m256 f, __m256i random16) {
+  const __m256i u = bits(f);
+  const __m256i r = _mm256_add_epi32(u, random16);
+  if constexpr (!NAN_SAFE) return r;
+  const __m256i quiet = _mm256_or_si256(u, splat(0x00400000u));
+  return bits(_mm256_blendv_ps(floats(r), floats(quiet), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+// The value a bf16 store of `high` reads back (store_written).
+inline __m256 written_value(__m256i high) { return floats(_mm256_and_si256(high, splat(0xFFFF0000u))); }
+
+// random_bits of precision.h on 8 lanes, as its two 16-bit halves (each in the low bits of
+// the lane): `index` holds the lanes' offset_lo + i, where no i of the run carries out of the
+// low half (the caller stops before one), and `hi_term` the high half times kIndexHiMul (only
+// added when HI: it is 0 below 2^32 elements).
+struct RandomHalves {
+  __m256i low, high;
+};
+template <bool HI>
+RandomHalves random_bits(__m256i key, __m256i index, __m256i hi_term) {
+  __m256i x = _mm256_xor_si256(index, key);
+  if constexpr (HI) x = _mm256_add_epi32(x, hi_term);
+  // mix32: x ^= x >> 16; x *= kMixMul1; x ^= x >> 15; x *= kMixMul2; x ^= x >> 16. The high
+  // half of the result is the high half before the last xor, whose shift is reused.
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, splat(kMixMul1));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, splat(kMixMul2));
+  const __m256i high = _mm256_srli_epi32(x, 16);
+  return {_mm256_and_si256(_mm256_xor_si256(x, high), splat(0xFFFFu)), high};
+}
+
+// Whether any lane of the N values is NaN: one unordered compare per pair.
+template <int N>
+bool any_nan(const __m256 (&x)[N]) {
+  __m256 nan = _mm256_cmp_ps(x[0], x[N > 1 ? 1 : 0], _CMP_UNORD_Q);
+  for (int k = 2; k < N; k += 2) nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[k], x[k + 1 < N ? k + 1 : k], _CMP_UNORD_Q));
+  return !_mm256_testz_ps(nan, nan);
+}
+
+// Adam::Scalars<float> broadcast to 8 lanes.
+struct VectorScalars {
+  __m256 grad_factor, coupled_wd, decay_factor, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps;
+  explicit VectorScalars(const Adam::Scalars<float>& s)
+      : grad_factor(_mm256_set1_ps(s.grad_factor)),
+        coupled_wd(_mm256_set1_ps(s.coupled_wd)),
+        decay_factor(_mm256_set1_ps(s.decay_factor)),
+        one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)),
+        beta2(_mm256_set1_ps(s.beta2)),
+        one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)),
+        step_size(_mm256_set1_ps(s.step_size)),
+        inv_bc2_sqrt(_mm256_set1_ps(s.inv_bias_correction2_sqrt)),
+        eps(_mm256_set1_ps(s.eps)) {}
+};
+
+// Adam::update on 8 lanes, in its operation order. COUPLED: the group's coupled_wd is
+// nonzero. Without it Adam::update adds coupled_decay's exact 0 to the scaled grad, which
+// only turns a -0 grad into +0; this loop skips the add, as the sign of a zero grad reaches
+// nothing: m + (1-beta1)*(g - m) and g*g give the same bits for g = -0 and g = +0.
+template <bool AMSGRAD, bool COUPLED>
+void update(__m256& p, __m256 g, __m256& m, __m256& v, __m256& vmax, const VectorScalars& k) {
+  g = _mm256_mul_ps(g, k.grad_factor);
+  if constexpr (COUPLED) g = _mm256_add_ps(g, _mm256_mul_ps(k.coupled_wd, p));
+  p = _mm256_mul_ps(p, k.decay_factor);
+  m = _mm256_add_ps(m, _mm256_mul_ps(k.one_minus_beta1, _mm256_sub_ps(g, m)));
+  v = _mm256_add_ps(_mm256_mul_ps(k.beta2, v), _mm256_mul_ps(k.one_minus_beta2, _mm256_mul_ps(g, g)));
+  __m256 second = v;
+  if constexpr (AMSGRAD) {
+    // Adam::nan_max(vmax, v): v when v is NaN or greater, else vmax.
+    const __m256 take_v = _mm256_or_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(v, vmax, _CMP_GT_OQ));
+    vmax = _mm256_blendv_ps(vmax, v, take_v);
+    second = vmax;
+  }
+  const __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(second), k.inv_bc2_sqrt), k.eps);
+  p = _mm256_sub_ps(p, _mm256_mul_ps(k.step_size, _mm256_div_ps(m, denom)));
+}
+
+// Whole blocks of a piece of n elements; returns how many elements were updated. HI: the
+// stochastic-rounding index has a nonzero high half (random_bits).
+template <class Layout, typename S, Precision PREC, bool AMSGRAD, bool COUPLED, bool HI>
+int64_t run_blocks(bf16_t* __restrict__ param, const bf16_t* __restrict__ grad, S* __restrict__ state0,
+                   S* __restrict__ state1, S* __restrict__ state2, void* __restrict__ extra, int64_t n,
+                   const Adam::Scalars<float>& scalars, const RoundingKeys& keys) {
+  constexpr bool kSr = PREC == Precision::kStochastic;
+  constexpr bool kKahan = PREC == Precision::kKahan;
+  constexpr bool kMaster = PREC == Precision::kMaster;
+  constexpr bool kBf16States = std::is_same_v<S, bf16_t>;
+  float* __restrict__ master = kMaster ? static_cast<float*>(extra) : nullptr;
+  bf16_t* __restrict__ comp = kKahan ? static_cast<bf16_t*>(extra) : nullptr;
+  const VectorScalars k(scalars);
+  const __m256i key_a = splat(keys.a), key_b = splat(keys.b);
+  const __m256i hi_term = splat(uint32_t(uint64_t(keys.offset) >> 32) * kIndexHiMul);
+  // offset_lo + i of each lane, advanced a block per iteration.
+  __m256i index[2];
+  for (int h = 0; h < 2; ++h) index[h] = _mm256_add_epi32(splat(uint32_t(keys.offset)), Layout::lane_index(h));
+  const int64_t blocks_end = n / kBlock * kBlock;
+  for (int64_t i = 0; i < blocks_end; i += kBlock) {
+    __m256 p[2], g[2], m[2], v[2], vmax[2], old[2];
+    if constexpr (kMaster) Layout::load_f32(master + i, p);
+    else Layout::load_bf16(param + i, p);
+    Layout::load_bf16(grad + i, g);
+    load<Layout>(state0 + i, m);
+    load<Layout>(state1 + i, v);
+    if constexpr (AMSGRAD) load<Layout>(state2 + i, vmax);
+    for (int h = 0; h < 2; ++h) {
+      old[h] = p[h];
+      update<AMSGRAD, COUPLED>(p[h], g[h], m[h], v[h], vmax[h], k);
+    }
+    // Kahan (store_kahan): the value to write, and the compensation's new value computed from
+    // the fast rounding of it (exact unless the value is NaN, and then the block is redone).
+    __m256 delta[2], target[2], new_comp[2];
+    if constexpr (kKahan) {
+      __m256 c[2];
+      Layout::load_bf16(comp + i, c);
+      for (int h = 0; h < 2; ++h) {
+        delta[h] = _mm256_add_ps(_mm256_sub_ps(p[h], old[h]), c[h]);
+        target[h] = _mm256_add_ps(old[h], delta[h]);
+        const __m256 written = written_value(nearest_high<false>(target[h]));
+        new_comp[h] = _mm256_sub_ps(delta[h], _mm256_sub_ps(written, old[h]));
+      }
+    }
+    // Random bits (step_element): stream a rounds the param (low 16) and state 0 (high 16),
+    // stream b states 1 (low) and 2 (high); b only where states are rounded.
+    RandomHalves ra[2] = {}, rb[2] = {};
+    if constexpr (kSr) {
+      for (int h = 0; h < 2; ++h) {
+        ra[h] = random_bits<HI>(key_a, index[h], hi_term);
+        if constexpr (kBf16States) rb[h] = random_bits<HI>(key_b, index[h], hi_term);
+        index[h] = _mm256_add_epi32(index[h], splat(kBlock));
+      }
+    }
+    // Rounds and stores every result of the block; NAN_SAFE selects quiet NaNs.
+    auto store_block = [&](auto nan_safe) {
+      constexpr bool kSafe = decltype(nan_safe)::value;
+      __m256i high[2];
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kSr) high[h] = stochastic_high<kSafe>(p[h], ra[h].low);
+        else if constexpr (kKahan) high[h] = nearest_high<kSafe>(target[h]);
+        else high[h] = nearest_high<kSafe>(p[h]);
+      }
+      Layout::store_bf16(param + i, high);
+      if constexpr (kMaster) Layout::store_f32(master + i, p);
+      if constexpr (kKahan) {
+        for (int h = 0; h < 2; ++h) high[h] = nearest_high<kSafe>(new_comp[h]);
+        Layout::store_bf16(comp + i, high);
+      }
+      if constexpr (kBf16States) {
+        const auto store_state = [&](S* dst, const __m256 (&x)[2], const __m256i (&random16)[2]) {
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (kSr) high[h] = stochastic_high<kSafe>(x[h], random16[h]);
+            else high[h] = nearest_high<kSafe>(x[h]);
+          }
+          Layout::store_bf16(dst, high);
+        };
+        store_state(state0 + i, m, {ra[0].high, ra[1].high});
+        store_state(state1 + i, v, {rb[0].low, rb[1].low});
+        if constexpr (AMSGRAD) store_state(state2 + i, vmax, {rb[0].high, rb[1].high});
+      } else {
+        Layout::store_f32(state0 + i, m);
+        Layout::store_f32(state1 + i, v);
+        if constexpr (AMSGRAD) Layout::store_f32(state2 + i, vmax);
+      }
+    };
+    // The values the block rounds to bf16.
+    bool nan;
+    if constexpr (kKahan && kBf16States && AMSGRAD)
+      nan = any_nan({target[0], target[1], new_comp[0], new_comp[1], m[0], m[1], v[0], v[1], vmax[0], vmax[1]});
+    else if constexpr (kKahan && kBf16States)
+      nan = any_nan({target[0], target[1], new_comp[0], new_comp[1], m[0], m[1], v[0], v[1]});
+    else if constexpr (kKahan)
+      nan = any_nan({target[0], target[1], new_comp[0], new_comp[1]});
+    else if constexpr (kBf16States && AMSGRAD)
+      nan = any_nan({p[0], p[1], m[0], m[1], v[0], v[1], vmax[0], vmax[1]});
+    else if constexpr (kBf16States)
+      nan = any_nan({p[0], p[1], m[0], m[1], v[0], v[1]});
+    else
+      nan = any_nan({p[0], p[1]});
+    if (__builtin_expect(nan, 0)) store_block(std::true_type{});
+    else store_block(std::false_type{});
+  }
+  return blocks_end;
+}
+
+// Adam on n elements of bf16 params (arrays starting at the piece, keys at its first element):
+// updates a prefix of whole blocks and returns its length; the caller runs step_element on the
+// rest.
+template <typename S, Precision PREC, bool AMSGRAD>
+int64_t step_prefix(bf16_t* param, const bf16_t* grad, S* state0, S* state1, S* state2, void* extra, int64_t n,
+                    const Adam::Scalars<float>& scalars, const RoundingKeys& keys) {
+  if constexpr (PREC == Precision::kStochastic) {
+    // The blocks take the element index's high half as fixed: stop where the low half of
+    // offset + i would carry (a piece crossing a multiple of 2^32 elements of one param).
+    const int64_t to_carry = int64_t(1ull << 32) - int64_t(uint32_t(keys.offset));
+    if (n > to_carry) n = to_carry;
+  }
+  using Layout = std::conditional_t<std::is_same_v<S, bf16_t> && PREC != Precision::kMaster, Interleaved, Natural>;
+  const bool coupled = scalars.coupled_wd != 0.0f;
+  const bool hi = PREC == Precision::kStochastic && uint64_t(keys.offset) >> 32 != 0;
+#define FUSEDOPT_RUN(COUPLED, HI) \
+  return run_blocks<Layout, S, PREC, AMSGRAD, COUPLED, HI>(param, grad, state0, state1, state2, extra, n, scalars, keys)
+  if constexpr (PREC == Precision::kStochastic) {
+    if (hi) {
+      if (coupled) FUSEDOPT_RUN(true, true);
+      FUSEDOPT_RUN(false, true);
+    }
+  }
+  if (coupled) FUSEDOPT_RUN(true, false);
+  FUSEDOPT_RUN(false, false);
+#undef FUSEDOPT_RUN
+}
+
+}  // namespace fusedopt::cpu::adam_bf16_avx2
+#endif
