@@ -1,6 +1,6 @@
 // Adam / AdamW on bf16 params, written with AVX2 intrinsics for the AVX2 build only: there
 // the auto-vectorized generic loop (element.h) spends most of its instructions widening and
-// narrowing bf16 across 128-bit lanes and blending NaN cases, and loses to torch's fused bf16
+// narrowing bf16 across 128-bit lanes and selecting NaN cases, and loses to torch's fused bf16
 // step (issue #19). The AVX-512 build keeps the generic loop (it is tuned, and has
 // instructions this one emulates).
 //
@@ -10,15 +10,15 @@
 // (round-to-nearest-even, stochastic rounding with the same hash and bits, the Kahan store).
 // Precisions: plain, stochastic, Kahan and master weights; states bf16 or fp32.
 //
-// Two tricks carry the speed:
+// Two things carry the speed:
 // * Where every buffer is bf16 (states bf16, no master copy), 16 elements sit in one 256-bit
 //   word and are processed as two halves: the even elements (low 16 bits of each 32-bit lane,
 //   shifted up: one shift) and the odd ones (high 16 bits, masked: one and). A store puts them
 //   back with one shift and one word blend. Elementwise math does not care about the order;
 //   the random bits take each lane's own element index.
-// * The NaN case of the bf16 roundings (a quiet NaN, not the rounding add) is taken by a
-//   branch on one test per 16 elements that no value to be rounded is NaN, not by a select
-//   per value and element; a block with a NaN is redone with the selects.
+// * The bf16 roundings leave out their NaN case (a quiet NaN, not the rounding add): one
+//   compare per 16 elements finds a NaN among the results, and such a block (a diverged
+//   model) is redone by step_element before anything is stored.
 //
 // The kernel may assume the in-place form of the table (param and states read and written in
 // place); it handles whole blocks of 16 and the caller finishes the rest with step_element.
@@ -41,10 +41,9 @@ inline __m256 floats(__m256i u) { return _mm256_castsi256_ps(u); }
 // ---- layouts of a block of 16 elements in two 8-lane halves ---------------------------------
 // Every buffer bf16: half 0 the even elements, half 1 the odd ones (see the top).
 struct Interleaved {
-  static void load_bf16(const bf16_t* src, __m256 (&h)[2]) {
+  static __m256 load_bf16(const bf16_t* src, int half) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    h[0] = floats(_mm256_slli_epi32(x, 16));
-    h[1] = floats(_mm256_and_si256(x, splat(0xFFFF0000u)));
+    return floats(half == 0 ? _mm256_slli_epi32(x, 16) : _mm256_and_si256(x, splat(0xFFFF0000u)));
   }
   // `high`: bf16 values in the high 16 bits of each 32-bit lane (the low bits are ignored).
   static void store_bf16(bf16_t* dst, const __m256i (&high)[2]) {
@@ -58,10 +57,9 @@ struct Interleaved {
 
 // Some buffer fp32 (states or the master copy): elements 0-7 in half 0, 8-15 in half 1.
 struct Natural {
-  static void load_bf16(const bf16_t* src, __m256 (&h)[2]) {
-    for (int k = 0; k < 2; ++k)
-      h[k] = floats(_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * k))), 16));
+  static __m256 load_bf16(const bf16_t* src, int half) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * half));
+    return floats(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
   }
   static void store_bf16(bf16_t* dst, const __m256i (&high)[2]) {
     // packus interleaves the halves' 128-bit lanes (0-3, 8-11 | 4-7, 12-15); the permute
@@ -69,44 +67,29 @@ struct Natural {
     const __m256i packed = _mm256_packus_epi32(_mm256_srli_epi32(high[0], 16), _mm256_srli_epi32(high[1], 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
   }
-  static void load_f32(const float* src, __m256 (&h)[2]) {
-    h[0] = _mm256_loadu_ps(src);
-    h[1] = _mm256_loadu_ps(src + 8);
-  }
+  static __m256 load_f32(const float* src, int half) { return _mm256_loadu_ps(src + 8 * half); }
   static void store_f32(float* dst, const __m256 (&h)[2]) {
     _mm256_storeu_ps(dst, h[0]);
     _mm256_storeu_ps(dst + 8, h[1]);
   }
-  static __m256i lane_index(int half) { return _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), splat(8u * half)); }
+  static __m256i lane_index(int half) {
+    return half == 0 ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7) : _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+  }
 };
 
 template <class Layout>
-void load(const bf16_t* src, __m256 (&h)[2]) { Layout::load_bf16(src, h); }
+__m256 load(const bf16_t* src, int half) { return Layout::load_bf16(src, half); }
 template <class Layout>
-void load(const float* src, __m256 (&h)[2]) { Layout::load_f32(src, h); }
+__m256 load(const float* src, int half) { return Layout::load_f32(src, half); }
 
 // ---- roundings (precision.h) -----------------------------------------------------------------
-// bf16_nearest_high on 8 lanes; NAN_SAFE = false leaves out the NaN select (the caller has
-// checked that no lane is NaN).
-template <bool NAN_SAFE>
-__m256i nearest_high(__m256 f) {
+// bf16_nearest_high and bf16_stochastic_high on 8 lanes without their NaN case (see the top).
+// `random16`: 16 random bits per lane (the high ones 0).
+inline __m256i nearest_high(__m256 f) {
   const __m256i u = bits(f);
-  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, splat(0x7FFFu)),
-                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), splat(1u)));
-  if constexpr (!NAN_SAFE) return r;
-  const __m256i quiet = _mm256_or_si256(u, splat(0x00400000u));
-  return bits(_mm256_blendv_ps(floats(r), floats(quiet), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  return _mm256_add_epi32(_mm256_add_epi32(u, splat(0x7FFFu)), _mm256_and_si256(_mm256_srli_epi32(u, 16), splat(1u)));
 }
-
-// bf16_stochastic_high on 8 lanes; `random16` holds 16 random bits per lane (the high ones 0).
-template <bool NAN_SAFE>
-__m256i stochastic_high(__m256 f, __m256i random16) {
-  const __m256i u = bits(f);
-  const __m256i r = _mm256_add_epi32(u, random16);
-  if constexpr (!NAN_SAFE) return r;
-  const __m256i quiet = _mm256_or_si256(u, splat(0x00400000u));
-  return bits(_mm256_blendv_ps(floats(r), floats(quiet), _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
-}
+inline __m256i stochastic_high(__m256 f, __m256i random16) { return _mm256_add_epi32(bits(f), random16); }
 
 // The value a bf16 store of `high` reads back (store_written).
 inline __m256 written_value(__m256i high) { return floats(_mm256_and_si256(high, splat(0xFFFF0000u))); }
@@ -130,14 +113,6 @@ RandomHalves random_bits(__m256i key, __m256i index, __m256i hi_term) {
   x = _mm256_mullo_epi32(x, splat(kMixMul2));
   const __m256i high = _mm256_srli_epi32(x, 16);
   return {_mm256_and_si256(_mm256_xor_si256(x, high), splat(0xFFFFu)), high};
-}
-
-// Whether any lane of the N values is NaN: one unordered compare per pair.
-template <int N>
-bool any_nan(const __m256 (&x)[N]) {
-  __m256 nan = _mm256_cmp_ps(x[0], x[N > 1 ? 1 : 0], _CMP_UNORD_Q);
-  for (int k = 2; k < N; k += 2) nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[k], x[k + 1 < N ? k + 1 : k], _CMP_UNORD_Q));
-  return !_mm256_testz_ps(nan, nan);
 }
 
 // Adam::Scalars<float> broadcast to 8 lanes.
@@ -197,88 +172,74 @@ int64_t run_blocks(bf16_t* __restrict__ param, const bf16_t* __restrict__ grad, 
   for (int h = 0; h < 2; ++h) index[h] = _mm256_add_epi32(splat(uint32_t(keys.offset)), Layout::lane_index(h));
   const int64_t blocks_end = n / kBlock * kBlock;
   for (int64_t i = 0; i < blocks_end; i += kBlock) {
-    __m256 p[2], g[2], m[2], v[2], vmax[2], old[2];
-    if constexpr (kMaster) Layout::load_f32(master + i, p);
-    else Layout::load_bf16(param + i, p);
-    Layout::load_bf16(grad + i, g);
-    load<Layout>(state0 + i, m);
-    load<Layout>(state1 + i, v);
-    if constexpr (AMSGRAD) load<Layout>(state2 + i, vmax);
+    // Each half's results: bf16 ones rounded (high halves of the lanes), fp32 ones as they are;
+    // nothing is stored until the block is known to be free of NaN.
+    __m256i p_high[2], comp_high[2], m_high[2], v_high[2], vmax_high[2];
+    __m256 p_out[2], m_out[2], v_out[2], vmax_out[2];
+    // NaN lanes of the block. A NaN state result always makes the param NaN (m/denom is NaN
+    // when m, v or max_exp_avg_sq is), so the param alone is tested; under Kahan the new
+    // compensation, NaN whenever the param or the value written is.
+    __m256 nan[2];
     for (int h = 0; h < 2; ++h) {
-      old[h] = p[h];
-      update<AMSGRAD, COUPLED>(p[h], g[h], m[h], v[h], vmax[h], k);
-    }
-    // Kahan (store_kahan): the value to write, and the compensation's new value computed from
-    // the fast rounding of it (exact unless the value is NaN, and then the block is redone).
-    __m256 delta[2], target[2], new_comp[2];
-    if constexpr (kKahan) {
-      __m256 c[2];
-      Layout::load_bf16(comp + i, c);
-      for (int h = 0; h < 2; ++h) {
-        delta[h] = _mm256_add_ps(_mm256_sub_ps(p[h], old[h]), c[h]);
-        target[h] = _mm256_add_ps(old[h], delta[h]);
-        const __m256 written = written_value(nearest_high<false>(target[h]));
-        new_comp[h] = _mm256_sub_ps(delta[h], _mm256_sub_ps(written, old[h]));
-      }
-    }
-    // Random bits (step_element): stream a rounds the param (low 16) and state 0 (high 16),
-    // stream b states 1 (low) and 2 (high); b only where states are rounded.
-    RandomHalves ra[2] = {}, rb[2] = {};
-    if constexpr (kSr) {
-      for (int h = 0; h < 2; ++h) {
-        ra[h] = random_bits<HI>(key_a, index[h], hi_term);
-        if constexpr (kBf16States) rb[h] = random_bits<HI>(key_b, index[h], hi_term);
+      __m256 p;
+      if constexpr (kMaster) p = Layout::load_f32(master + i, h);
+      else p = Layout::load_bf16(param + i, h);
+      const __m256 g = Layout::load_bf16(grad + i, h);
+      __m256 m = load<Layout>(state0 + i, h);
+      __m256 v = load<Layout>(state1 + i, h);
+      __m256 vmax = AMSGRAD ? load<Layout>(state2 + i, h) : _mm256_setzero_ps();
+      const __m256 old = p;
+      update<AMSGRAD, COUPLED>(p, g, m, v, vmax, k);
+      // Random bits (step_element): stream a rounds the param (low 16) and state 0 (high 16),
+      // stream b states 1 (low) and 2 (high); b only where states are rounded.
+      RandomHalves ra{}, rb{};
+      if constexpr (kSr) {
+        ra = random_bits<HI>(key_a, index[h], hi_term);
+        if constexpr (kBf16States) rb = random_bits<HI>(key_b, index[h], hi_term);
         index[h] = _mm256_add_epi32(index[h], splat(kBlock));
       }
-    }
-    // Rounds and stores every result of the block; NAN_SAFE selects quiet NaNs.
-    auto store_block = [&](auto nan_safe) {
-      constexpr bool kSafe = decltype(nan_safe)::value;
-      __m256i high[2];
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (kSr) high[h] = stochastic_high<kSafe>(p[h], ra[h].low);
-        else if constexpr (kKahan) high[h] = nearest_high<kSafe>(target[h]);
-        else high[h] = nearest_high<kSafe>(p[h]);
-      }
-      Layout::store_bf16(param + i, high);
-      if constexpr (kMaster) Layout::store_f32(master + i, p);
-      if constexpr (kKahan) {
-        for (int h = 0; h < 2; ++h) high[h] = nearest_high<kSafe>(new_comp[h]);
-        Layout::store_bf16(comp + i, high);
+      if constexpr (kKahan) {  // store_kahan
+        const __m256 delta = _mm256_add_ps(_mm256_sub_ps(p, old), Layout::load_bf16(comp + i, h));
+        p_high[h] = nearest_high(_mm256_add_ps(old, delta));
+        const __m256 new_comp = _mm256_sub_ps(delta, _mm256_sub_ps(written_value(p_high[h]), old));
+        comp_high[h] = nearest_high(new_comp);
+        nan[h] = new_comp;
+      } else {
+        p_high[h] = kSr ? stochastic_high(p, ra.low) : nearest_high(p);
+        p_out[h] = p;
+        nan[h] = p;
       }
       if constexpr (kBf16States) {
-        const auto store_state = [&](S* dst, const __m256 (&x)[2], const __m256i (&random16)[2]) {
-          for (int h = 0; h < 2; ++h) {
-            if constexpr (kSr) high[h] = stochastic_high<kSafe>(x[h], random16[h]);
-            else high[h] = nearest_high<kSafe>(x[h]);
-          }
-          Layout::store_bf16(dst, high);
-        };
-        store_state(state0 + i, m, {ra[0].high, ra[1].high});
-        store_state(state1 + i, v, {rb[0].low, rb[1].low});
-        if constexpr (AMSGRAD) store_state(state2 + i, vmax, {rb[0].high, rb[1].high});
+        m_high[h] = kSr ? stochastic_high(m, ra.high) : nearest_high(m);
+        v_high[h] = kSr ? stochastic_high(v, rb.low) : nearest_high(v);
+        if constexpr (AMSGRAD) vmax_high[h] = kSr ? stochastic_high(vmax, rb.high) : nearest_high(vmax);
       } else {
-        Layout::store_f32(state0 + i, m);
-        Layout::store_f32(state1 + i, v);
-        if constexpr (AMSGRAD) Layout::store_f32(state2 + i, vmax);
+        m_out[h] = m;
+        v_out[h] = v;
+        vmax_out[h] = vmax;
       }
-    };
-    // The values the block rounds to bf16.
-    bool nan;
-    if constexpr (kKahan && kBf16States && AMSGRAD)
-      nan = any_nan({target[0], target[1], new_comp[0], new_comp[1], m[0], m[1], v[0], v[1], vmax[0], vmax[1]});
-    else if constexpr (kKahan && kBf16States)
-      nan = any_nan({target[0], target[1], new_comp[0], new_comp[1], m[0], m[1], v[0], v[1]});
-    else if constexpr (kKahan)
-      nan = any_nan({target[0], target[1], new_comp[0], new_comp[1]});
-    else if constexpr (kBf16States && AMSGRAD)
-      nan = any_nan({p[0], p[1], m[0], m[1], v[0], v[1], vmax[0], vmax[1]});
-    else if constexpr (kBf16States)
-      nan = any_nan({p[0], p[1], m[0], m[1], v[0], v[1]});
-    else
-      nan = any_nan({p[0], p[1]});
-    if (__builtin_expect(nan, 0)) store_block(std::true_type{});
-    else store_block(std::false_type{});
+    }
+    const __m256 any_nan = _mm256_cmp_ps(nan[0], nan[1], _CMP_UNORD_Q);
+    if (__builtin_expect(!_mm256_testz_ps(any_nan, any_nan), 0)) {
+      const RoundingKeys block_keys = keys.at(i);
+      for (int j = 0; j < kBlock; ++j)
+        step_element<Adam, bf16_t, S, PREC, AMSGRAD, false>(param + i, grad + i, state0 + i, state1 + i,
+                                                            AMSGRAD ? state2 + i : nullptr,
+                                                            extra_at<PREC, bf16_t>(extra, i), j, scalars, block_keys);
+      continue;
+    }
+    Layout::store_bf16(param + i, p_high);
+    if constexpr (kMaster) Layout::store_f32(master + i, p_out);
+    if constexpr (kKahan) Layout::store_bf16(comp + i, comp_high);
+    if constexpr (kBf16States) {
+      Layout::store_bf16(state0 + i, m_high);
+      Layout::store_bf16(state1 + i, v_high);
+      if constexpr (AMSGRAD) Layout::store_bf16(state2 + i, vmax_high);
+    } else {
+      Layout::store_f32(state0 + i, m_out);
+      Layout::store_f32(state1 + i, v_out);
+      if constexpr (AMSGRAD) Layout::store_f32(state2 + i, vmax_out);
+    }
   }
   return blocks_end;
 }
