@@ -177,8 +177,10 @@ int64_t run_blocks(bf16_t* __restrict__ param, const bf16_t* __restrict__ grad, 
     __m256i p_high[2], comp_high[2], m_high[2], v_high[2], vmax_high[2];
     __m256 p_out[2], m_out[2], v_out[2], vmax_out[2];
     // NaN lanes of the block. A NaN state result always makes the param NaN (m/denom is NaN
-    // when m, v or max_exp_avg_sq is), so the param alone is tested; under Kahan the new
-    // compensation, NaN whenever the param or the value written is.
+    // when m, v or max_exp_avg_sq is), so the param alone is tested. Under Kahan the new
+    // compensation delta - (written - old) is: it is NaN whenever the param (through delta)
+    // or the old value is, hence whenever the value written is, and also where written and
+    // old are the same infinity.
     __m256 nan[2];
     for (int h = 0; h < 2; ++h) {
       __m256 p;

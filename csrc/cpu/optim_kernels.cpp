@@ -1,6 +1,7 @@
 // The CPU kernels. This file is compiled once per instruction set (baseline, AVX2+FMA,
 // AVX-512) into its own namespace, FUSEDOPT_ISA; the compiler auto-vectorizes the inner
-// loops from the shared scalar math, and dispatch.cpp picks a build at import.
+// loops from the shared scalar math, and dispatch.cpp picks a build at import. (One
+// exception: the AVX2 build runs Adam on bf16 params through intrinsics, adam_bf16_avx2.h.)
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
