@@ -130,15 +130,21 @@ struct VectorScalars {
         eps(_mm256_set1_ps(s.eps)) {}
 };
 
-// Adam::update on 8 lanes, in its operation order. COUPLED: the group's coupled_wd is
-// nonzero. Without it Adam::update adds coupled_decay's exact 0 to the scaled grad, which
-// only turns a -0 grad into +0; this loop skips the add, as the sign of a zero grad reaches
-// nothing: m + (1-beta1)*(g - m) and g*g give the same bits for g = -0 and g = +0.
-template <bool AMSGRAD, bool COUPLED>
+// Which decay term a group has (element.h, decay_terms): none, the coupled L2 term added to
+// the grad, or the factor the param is multiplied by (decoupled and independent modes).
+enum class Decay { kNone, kCoupled, kFactor };
+
+// Adam::update on 8 lanes, in its operation order, leaving out the multiplies by an exact 1
+// and the add of coupled_decay's exact 0 that the group's scalars make no-ops: x * 1 is x and
+// x + 0 only turns -0 into +0, whose sign reaches nothing here (m + (1-beta1)*(g - m) and
+// g*g give the same bits for g = -0 and +0). NaN inputs, where a multiply by 1 would quiet a
+// signalling NaN, make the param NaN, and such blocks are redone by step_element (run_blocks).
+// SCALED: grad_factor is not 1.
+template <bool AMSGRAD, bool SCALED, Decay DECAY>
 void update(__m256& p, __m256 g, __m256& m, __m256& v, __m256& vmax, const VectorScalars& k) {
-  g = _mm256_mul_ps(g, k.grad_factor);
-  if constexpr (COUPLED) g = _mm256_add_ps(g, _mm256_mul_ps(k.coupled_wd, p));
-  p = _mm256_mul_ps(p, k.decay_factor);
+  if constexpr (SCALED) g = _mm256_mul_ps(g, k.grad_factor);
+  if constexpr (DECAY == Decay::kCoupled) g = _mm256_add_ps(g, _mm256_mul_ps(k.coupled_wd, p));
+  if constexpr (DECAY == Decay::kFactor) p = _mm256_mul_ps(p, k.decay_factor);
   m = _mm256_add_ps(m, _mm256_mul_ps(k.one_minus_beta1, _mm256_sub_ps(g, m)));
   v = _mm256_add_ps(_mm256_mul_ps(k.beta2, v), _mm256_mul_ps(k.one_minus_beta2, _mm256_mul_ps(g, g)));
   __m256 second = v;
@@ -152,9 +158,9 @@ void update(__m256& p, __m256 g, __m256& m, __m256& v, __m256& vmax, const Vecto
   p = _mm256_sub_ps(p, _mm256_mul_ps(k.step_size, _mm256_div_ps(m, denom)));
 }
 
-// Whole blocks of a piece of n elements; returns how many elements were updated. HI: the
-// stochastic-rounding index has a nonzero high half (random_bits).
-template <class Layout, typename S, Precision PREC, bool AMSGRAD, bool COUPLED, bool HI>
+// Whole blocks of a piece of n elements; returns how many elements were updated. SCALED,
+// DECAY: update's; HI: the stochastic-rounding index has a nonzero high half (random_bits).
+template <class Layout, typename S, Precision PREC, bool AMSGRAD, bool SCALED, Decay DECAY, bool HI>
 int64_t run_blocks(bf16_t* __restrict__ param, const bf16_t* __restrict__ grad, S* __restrict__ state0,
                    S* __restrict__ state1, S* __restrict__ state2, void* __restrict__ extra, int64_t n,
                    const Adam::Scalars<float>& scalars, const RoundingKeys& keys) {
@@ -191,7 +197,7 @@ int64_t run_blocks(bf16_t* __restrict__ param, const bf16_t* __restrict__ grad, 
       __m256 v = load<Layout>(state1 + i, h);
       __m256 vmax = AMSGRAD ? load<Layout>(state2 + i, h) : _mm256_setzero_ps();
       const __m256 old = p;
-      update<AMSGRAD, COUPLED>(p, g, m, v, vmax, k);
+      update<AMSGRAD, SCALED, DECAY>(p, g, m, v, vmax, k);
       // Random bits (step_element): stream a rounds the param (low 16) and state 0 (high 16),
       // stream b states 1 (low) and 2 (high); b only where states are rounded.
       RandomHalves ra{}, rb{};
@@ -259,19 +265,27 @@ int64_t step_prefix(bf16_t* param, const bf16_t* grad, S* state0, S* state1, S* 
     if (n > to_carry) n = to_carry;
   }
   using Layout = std::conditional_t<std::is_same_v<S, bf16_t> && PREC != Precision::kMaster, Interleaved, Natural>;
-  const bool coupled = scalars.coupled_wd != 0.0f;
+  const bool coupled = scalars.coupled_wd != 0.0f, factor = scalars.decay_factor != 1.0f;
+  if (coupled && factor) return 0;  // (no weight-decay mode has both: the generic loop would do)
+  const Decay decay = coupled ? Decay::kCoupled : factor ? Decay::kFactor : Decay::kNone;
   const bool hi = PREC == Precision::kStochastic && uint64_t(keys.offset) >> 32 != 0;
-#define FUSEDOPT_RUN(COUPLED, HI) \
-  return run_blocks<Layout, S, PREC, AMSGRAD, COUPLED, HI>(param, grad, state0, state1, state2, extra, n, scalars, keys)
+  // The run-time choices as template arguments.
+  const auto run = [&](auto scaled, auto decay_tag, auto hi_tag) {
+    return run_blocks<Layout, S, PREC, AMSGRAD, decltype(scaled)::value, decltype(decay_tag)::value,
+                      decltype(hi_tag)::value>(param, grad, state0, state1, state2, extra, n, scalars, keys);
+  };
+  const auto with_decay = [&](auto scaled, auto hi_tag) {
+    if (decay == Decay::kCoupled) return run(scaled, std::integral_constant<Decay, Decay::kCoupled>{}, hi_tag);
+    if (decay == Decay::kFactor) return run(scaled, std::integral_constant<Decay, Decay::kFactor>{}, hi_tag);
+    return run(scaled, std::integral_constant<Decay, Decay::kNone>{}, hi_tag);
+  };
+  const auto with_scale = [&](auto hi_tag) {
+    return scalars.grad_factor != 1.0f ? with_decay(std::true_type{}, hi_tag) : with_decay(std::false_type{}, hi_tag);
+  };
   if constexpr (PREC == Precision::kStochastic) {
-    if (hi) {
-      if (coupled) FUSEDOPT_RUN(true, true);
-      FUSEDOPT_RUN(false, true);
-    }
+    if (hi) return with_scale(std::true_type{});
   }
-  if (coupled) FUSEDOPT_RUN(true, false);
-  FUSEDOPT_RUN(false, false);
-#undef FUSEDOPT_RUN
+  return with_scale(std::false_type{});
 }
 
 }  // namespace fusedopt::cpu::adam_bf16_avx2

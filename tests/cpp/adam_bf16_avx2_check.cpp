@@ -1,11 +1,11 @@
 // Checks the hand-vectorized AVX2 Adam kernel (csrc/cpu/adam_bf16_avx2.h) against the generic
 // element step (element.h: step_element, the code every other build and the CUDA kernels run),
 // bit for bit, on every buffer: bf16 params with bf16 or fp32 states, precisions plain,
-// stochastic, Kahan and master, amsgrad off/on, coupled / decoupled / no decay, maximize and a
-// grad scale, lengths around the 16-element block, stochastic-rounding offsets whose low half
-// carries inside the piece or whose high half is nonzero, and inputs sprinkled with NaNs
-// (quiet, signalling, negative), infinities, signed zeros, subnormals, values that round up to
-// inf and exact rounding ties. The kernel runs the way the CPU loop calls it: a prefix of
+// stochastic, Kahan and master, amsgrad off/on, coupled / decoupled / no decay, each with and
+// without a grad factor (maximize, a grad scale), lengths around the 16-element block,
+// stochastic-rounding offsets whose low half carries inside the piece or whose high half is
+// nonzero, and inputs sprinkled with NaNs (quiet, signalling, negative), infinities, signed
+// zeros, subnormals, values that round up to inf and exact rounding ties. The kernel runs the way the CPU loop calls it: a prefix of
 // whole blocks, then step_element on the rest.
 //
 // Built with the AVX2 build's flags by tests/test_adam_bf16_avx2.py. Exit 0: all equal; 1: a
@@ -159,6 +159,8 @@ int run_all(const char* label) {
       {"adam-coupled", 1e-2, 0.9, 0.99, 1e-8, 0.1, WeightDecayMode::kCoupled, false, 1.0f, 3},
       {"adam-no-decay", 1e-2, 0.9, 0.99, 1e-8, 0.0, WeightDecayMode::kCoupled, false, 1.0f, 2},
       {"maximize-scaled", 1e-2, 0.8, 0.95, 1e-6, 1e-2, WeightDecayMode::kIndependent, true, 0.25f, 5},
+      {"adam-coupled-maximize-scaled", 1e-2, 0.9, 0.99, 1e-8, 0.1, WeightDecayMode::kCoupled, true, 0.5f, 4},
+      {"adam-no-decay-scaled", 1e-2, 0.9, 0.99, 1e-8, 0.0, WeightDecayMode::kDecoupled, false, 2.0f, 6},
   };
   // Offsets of the piece's first element in the param: the low half carrying inside the piece
   // (mid-block and on a block boundary) and a nonzero high half.
