@@ -25,14 +25,30 @@ cases = {
                                                      state_dtype=torch.bfloat16, amsgrad=True)),
     "adamw_bf16_kahan_bf16state": (torch.bfloat16, dict(lr=1e-3, kahan_summation=True, state_dtype=torch.bfloat16)),
     "adamw_fp16_master": (torch.float16, dict(lr=1e-3, master_weights=True)),
+    # The AVX2 build's hand loop for bf16 Adam (adam_bf16_avx2.h): its variants and precisions.
+    "adam_bf16_coupled_amsgrad_maximize": (torch.bfloat16, dict(lr=1e-2, weight_decay=0.1, amsgrad=True,
+                                                                maximize=True, state_dtype=torch.bfloat16)),
+    "adamw_bf16_amsgrad": (torch.bfloat16, dict(lr=1e-2, amsgrad=True)),
+    "adamw_bf16_sr_amsgrad": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=5, amsgrad=True)),
+    "adamw_bf16_kahan_amsgrad_bf16state": (torch.bfloat16, dict(lr=1e-3, kahan_summation=True, amsgrad=True,
+                                                                state_dtype=torch.bfloat16)),
+    "adamw_bf16_master": (torch.bfloat16, dict(lr=1e-3, master_weights=True, weight_decay=0.1)),
+    "adamw_bf16_master_bf16state": (torch.bfloat16, dict(lr=1e-3, master_weights=True, state_dtype=torch.bfloat16)),
 }
+# Cases stepped with GradScaler-style scaled grads (grad_scale), plus one skipped step (found_inf).
+scaled = {"adam_bf16_coupled_amsgrad_maximize": 2.0 ** 10, "adamw_bf16_sr_bf16state": 2.0 ** 8}
 for name, (dtype, kw) in cases.items():
     g = torch.Generator().manual_seed(1)
     ps = [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in (1, 17, 40000, 100003)]
-    opt = fusedopt.AdamW(ps, **kw)
-    for _ in range(3):
+    opt = (fusedopt.Adam if name.startswith("adam_") else fusedopt.AdamW)(ps, **kw)
+    for k in range(3):
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        if name in scaled:
+            for p in ps:
+                p.grad *= scaled[name]
+            opt.grad_scale = torch.tensor(scaled[name])
+            opt.found_inf = torch.tensor(1.0 if k == 1 else 0.0)
         opt.step()
     h = hashlib.sha256()
     for p in ps:

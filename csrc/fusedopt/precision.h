@@ -85,9 +85,12 @@ FUSEDOPT_HD fp16_t fp16_round_nearest(float f) {
 // the key mixes (seed, param index, step, stream). No state to save, no dependence on
 // threads or chunking, identical on CPU and GPU. The mixer is Wellons' lowbias32, a
 // bijective 32-bit hash with near-ideal avalanche.
+// (The constants are named for the hand-vectorized AVX2 loop, csrc/cpu/adam_bf16_avx2.h,
+// which computes the same hash on eight lanes.)
+constexpr uint32_t kMixMul1 = 0x7FEB352Du, kMixMul2 = 0x846CA68Bu;
 FUSEDOPT_HD uint32_t mix32(uint32_t x) {
-  x ^= x >> 16; x *= 0x7FEB352Du;
-  x ^= x >> 15; x *= 0x846CA68Bu;
+  x ^= x >> 16; x *= kMixMul1;
+  x ^= x >> 15; x *= kMixMul2;
   x ^= x >> 16;
   return x;
 }
@@ -110,8 +113,9 @@ FUSEDOPT_HD uint32_t rng_key(uint64_t seed, int64_t param_index, int64_t step, u
 // small non-negative loop index (the CPU passes chunk-local indices), i's upper half folds to
 // zero and the loop vectorizes on 32-bit lanes, with no 64-bit index math or multiply per
 // element; one draw serves two rounded buffers (16 bits each).
+constexpr uint32_t kIndexHiMul = 0x27D4EB2Fu;
 FUSEDOPT_HD uint32_t random_bits(uint32_t key, int64_t offset, int64_t i) {
-  constexpr uint32_t kHiMul = 0x27D4EB2Fu;
+  constexpr uint32_t kHiMul = kIndexHiMul;
   const uint32_t offset_lo = uint32_t(offset);
   const uint32_t lo = offset_lo + uint32_t(i);
   const uint32_t hi = uint32_t(uint64_t(offset) >> 32) + uint32_t(uint64_t(i) >> 32);
