@@ -25,6 +25,10 @@ cases = {
                                                      state_dtype=torch.bfloat16, amsgrad=True)),
     "adamw_bf16_kahan_bf16state": (torch.bfloat16, dict(lr=1e-3, kahan_summation=True, state_dtype=torch.bfloat16)),
     "adamw_fp16_master": (torch.float16, dict(lr=1e-3, master_weights=True)),
+    # 8-bit moments (params >= 4096 elements): the AVX-512 build's register codec
+    # (cpu/quantized_simd.h), nearest and stochastic codes, against the others' bucket tables
+    "adamw_8bit": (torch.float32, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, state_dtype=torch.uint8)),
+    "adamw_bf16_sr_8bit": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=5, state_dtype=torch.uint8)),
 }
 for name, (dtype, kw) in cases.items():
     g = torch.Generator().manual_seed(1)
@@ -45,6 +49,20 @@ for _ in range(3):
     sgd_ps[0].grad = torch.randn(5000).bfloat16()
     opt.step()
 out["sgd_sr"] = hashlib.sha256(sgd_ps[0].detach().view(torch.uint8).numpy().tobytes()).hexdigest()
+for name, make in (("sgd_8bit", lambda ps: fusedopt.SGD(ps, lr=0.1, momentum=0.9, state_dtype=torch.uint8)),
+                   ("lion_8bit", lambda ps: fusedopt.Lion(ps, lr=1e-3, state_dtype=torch.uint8))):
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5000, 70001)]
+    opt = make(ps)
+    h = hashlib.sha256()
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    for p in ps:
+        for t in (p, *opt.state[p].values()):
+            h.update(t.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    out[name] = h.hexdigest()
 print(json.dumps(out))
 """
 

@@ -13,6 +13,7 @@
 #include "../fusedopt/averaging.h"
 #include "../fusedopt/step_dispatch.h"
 #include "multi_tensor_cpu.h"
+#include "quantized_simd.h"
 #include "step_call.h"
 
 #ifndef FUSEDOPT_ISA
@@ -223,6 +224,7 @@ void quantized_loop(const StepCall& call) {
   static_assert(kChunkElements % kQuantBlock == 0, "chunks end on block boundaries");
   StatSlots stats(call, work.chunks());
   const float* maps = call.scalars.qmaps;
+  const auto codec = quant_codec(maps);
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
     work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
       const int64_t* row = call.table + t * kNumTableColumns;
@@ -243,10 +245,10 @@ void quantized_loop(const StepCall& call) {
         const RoundingKeys keys = plan.keys.at(b);
         if (A::kUsesFirst && plan.first)
           quantized_block<A, P, PREC, V, A::kUsesFirst>(param, grad, codes, absmax, extra, n, maps, plan.scalars,
-                                                        keys, runner);
+                                                        keys, runner, codec);
         else
           quantized_block<A, P, PREC, V, false>(param, grad, codes, absmax, extra, n, maps, plan.scalars, keys,
-                                                runner);
+                                                runner, codec);
       }
     });
   });
@@ -369,6 +371,23 @@ void copy(const CopyCall& call) {
   });
 }
 
+// The codec the step uses (quant_codec), on plain arrays (step_call.h: CodecCall).
+void codec(const CodecCall& call) {
+  const auto codec = quant_codec(call.maps);
+  for (int64_t b = 0; b < call.n; b += kQuantBlock) {
+    const int n = int(call.n - b < kQuantBlock ? call.n - b : kQuantBlock);
+    if (call.values == nullptr) {
+      codec.dequantize(call.maps, call.state, call.codes_in + b, call.scale, call.dequantized + b, n);
+    } else if (call.stochastic) {
+      codec.template quantize<Precision::kStochastic>(call.maps, call.state, call.values + b, 1.0f, call.codes + b, n,
+                                                      RoundingKeys{call.key_a, call.key_b, b});
+    } else {
+      codec.template quantize<Precision::kPlain>(call.maps, call.state, call.values + b, 1.0f, call.codes + b, n,
+                                                 RoundingKeys{});
+    }
+  }
+}
+
 }  // namespace
 
 #define FUSEDOPT_STR2(x) #x
@@ -376,7 +395,7 @@ void copy(const CopyCall& call) {
 
 KernelTable kernels() {
   return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average,
-          copy};
+          copy, codec};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA
