@@ -393,9 +393,16 @@ void codec(const CodecCall& call) {
 #define FUSEDOPT_STR2(x) #x
 #define FUSEDOPT_STR(x) FUSEDOPT_STR2(x)
 
-KernelTable kernels() {
-  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average,
-          copy, codec};
+// byte_permutes: the CPU has AVX512_VBMI (used by the AVX-512 build's 8-bit codec only).
+KernelTable kernels(bool byte_permutes) {
+  const char* isa = FUSEDOPT_STR(FUSEDOPT_ISA);
+#if defined(FUSEDOPT_QUANT_AVX512)
+  g_byte_permutes = byte_permutes;
+  if (byte_permutes) isa = FUSEDOPT_STR(FUSEDOPT_ISA) "vbmi";
+#else
+  (void)byte_permutes;
+#endif
+  return {isa, [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average, copy, codec};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

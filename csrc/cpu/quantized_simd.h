@@ -34,9 +34,16 @@ struct alignas(64) RegisterMapTables {
   // compared when the codes decided so far are j * 2^(8-l), i.e. mid[(2j + 1) * 2^(7-l) - 1].
   // Levels padded to 16 floats at least.
   float search[8][128];
+  // Byte b of every map value (little-endian), for the byte-permute dequantizer.
+  uint8_t planes[4][kQuantMapSize];
 
   void build(const float* qmap) {
     std::memcpy(map, qmap, sizeof(map));
+    for (int c = 0; c < kQuantMapSize; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, qmap + c, 4);
+      for (int b = 0; b < 4; ++b) planes[b][c] = uint8_t(bits >> (8 * b));
+    }
     float mid[kQuantMapSize - 1];
     for (int c = 0; c + 1 < kQuantMapSize; ++c)
       mid[c] = float((double(qmap[c]) + double(qmap[c + 1])) / 2.0);  // as _quantization.midpoints
@@ -47,15 +54,63 @@ struct alignas(64) RegisterMapTables {
   }
 };
 
+// The unpacks of dequantize_byte_planes leave code 16k + 4L + e of 64 in dword e of 128-bit
+// lane L of result k when it sat at byte 16L + 4k + e: the codes are put there first.
+struct alignas(64) BytePlaneOrder {
+  uint8_t bytes[64];
+};
+constexpr BytePlaneOrder byte_plane_order() {
+  BytePlaneOrder o{};
+  for (int q = 0; q < 64; ++q) o.bytes[q] = uint8_t(16 * ((q % 16) / 4) + 4 * (q / 16) + q % 4);
+  return o;
+}
+inline constexpr BytePlaneOrder kBytePlaneOrder = byte_plane_order();
+
+// Dequantizes with byte permutes (AVX512_VBMI: vpermi2b looks 64 codes up in a 128-byte
+// table at once): each byte of the map values is looked up as a byte plane, and the four
+// planes are interleaved back into floats; about a third of the operations of the vpermi2ps
+// path. Compiled for VBMI here and called only where the CPU has it (dispatch.cpp).
+__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes(const uint8_t (&planes)[4][kQuantMapSize],
+                                                                          const uint8_t* __restrict__ c, float scale,
+                                                                          float* __restrict__ out, int n) {
+  __m512i t[4][4];
+  for (int b = 0; b < 4; ++b)
+    for (int j = 0; j < 4; ++j) t[b][j] = _mm512_loadu_si512(planes[b] + 64 * j);
+  const __m512i order = _mm512_load_si512(kBytePlaneOrder.bytes);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; i += 64) {
+    const int left = n - i;
+    const __mmask64 lanes = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    const __m512i code = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(lanes, c + i));
+    const __mmask64 high = _mm512_movepi8_mask(code);  // code >= 128: the upper half of each plane
+    __m512i byte[4];
+    for (int b = 0; b < 4; ++b)
+      byte[b] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[b][0], code, t[b][1]),
+                                       _mm512_permutex2var_epi8(t[b][2], code, t[b][3]));
+    const __m512i w01lo = _mm512_unpacklo_epi8(byte[0], byte[1]), w01hi = _mm512_unpackhi_epi8(byte[0], byte[1]);
+    const __m512i w23lo = _mm512_unpacklo_epi8(byte[2], byte[3]), w23hi = _mm512_unpackhi_epi8(byte[2], byte[3]);
+    const __m512i d[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
+                          _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
+    for (int k = 0; k < 4; ++k) {
+      const int rest = left - 16 * k;
+      if (rest <= 0) break;
+      const __mmask16 m = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1u);
+      _mm512_mask_storeu_ps(out + i + 16 * k, m, _mm512_mul_ps(_mm512_castsi512_ps(d[k]), s));
+    }
+  }
+}
+
 class RegisterCodec {
  public:
-  explicit RegisterCodec(const float* maps) {
+  // byte_permutes: dequantize with dequantize_byte_planes (the CPU has AVX512_VBMI).
+  RegisterCodec(const float* maps, bool byte_permutes) : byte_permutes_(byte_permutes) {
     tables_[0].build(quant_map(maps, 0));
     tables_[1].build(quant_map(maps, 1));
   }
 
   void dequantize(const float*, int k, const uint8_t* __restrict__ c, float scale, float* __restrict__ out,
                   int n) const {
+    if (byte_permutes_) return dequantize_byte_planes(tables_[k != 0].planes, c, scale, out, n);
     const Map256 map(tables_[k != 0].map);
     const __m512 s = _mm512_set1_ps(scale);
     for (int i = 0; i < n; i += 16) {
@@ -195,10 +250,14 @@ class RegisterCodec {
   }
 
   RegisterMapTables tables_[2];
+  bool byte_permutes_;
 };
 
+// Whether this CPU's AVX-512 has byte permutes (AVX512_VBMI); set once by kernels().
+inline bool g_byte_permutes = false;
+
 // The codec of this build for a step call's maps buffer.
-inline RegisterCodec quant_codec(const float* maps) { return RegisterCodec(maps); }
+inline RegisterCodec quant_codec(const float* maps) { return RegisterCodec(maps, g_byte_permutes); }
 
 #else
 
