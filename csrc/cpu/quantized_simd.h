@@ -9,6 +9,7 @@
 //   stochastic code: quantize_code<true> on that nearest code, its map values read as above.
 // Other builds (and the CUDA kernel) keep TableCodec.
 #pragma once
+#include <cmath>
 #include <cstring>
 
 #include "../fusedopt/quantized.h"
@@ -37,6 +38,15 @@ struct alignas(64) RegisterMapTables {
   // Byte b of every map value (little-endian), for the byte-permute dequantizer.
   uint8_t planes[4][kQuantMapSize];
 
+  // The decade search (DecadeSearch), where the map has the structure it relies on.
+  bool decades_valid;
+  float binade_bound[32];          // the region boundary inside binade [2^(i-24), 2^(i-23)), or +inf
+  int32_t binade_region[32];       // the region at the binade's start
+  float region_slope[16], region_offset[16];  // t = |x| * slope - offset
+  int32_t region_first[16];        // the code at the region's start (x > its lower boundary)
+  int32_t region_last[16];         // the number of inner midpoints of the region
+  int32_t mirror;                  // a negative x's code is max(mirror - code(|x|), 0)
+
   void build(const float* qmap) {
     std::memcpy(map, qmap, sizeof(map));
     for (int c = 0; c < kQuantMapSize; ++c) {
@@ -51,6 +61,76 @@ struct alignas(64) RegisterMapTables {
       const int step = 1 << (7 - l);
       for (int j = 0; j < 128; ++j) search[l][j] = j < (1 << l) ? mid[(2 * j + 1) * step - 1] : 0.0f;
     }
+    decades_valid = build_decades(mid);
+  }
+
+  // The decade search's tables, for bitsandbytes' dynamic maps: above 0 (the signed map's lower
+  // half mirrors its upper half), decade d = 0..6 holds n_d values spread evenly over
+  // (0.1, 1) * 10^(d-6) (n_d = 2^d signed, 2^(d+1) unsigned), then 1.0. So the positive midpoints
+  // are 8 irregular ones (R_d between decades, R_7 below 1.0) cutting [0, inf) into 9 regions,
+  // and inside region d + 1 (R_d < x <= R_d+1) n_d - 1 evenly spaced ones: the k-th of them lies
+  // at t = k of t(x) = x * slope_d - offset_d, so the code there is first + clamp(floor(t), 0,
+  // n_d - 1). False (and the codec keeps the binary search) when any of that does not hold:
+  // each inner midpoint's t, computed in float as the kernel does, must be within kTieBand / 2
+  // of its integer, and each binade may hold one R at most.
+  bool build_decades(const float (&mid)[kQuantMapSize - 1]) {
+    int negative = 0;
+    while (negative < kQuantMapSize - 1 && mid[negative] < 0.0f) ++negative;
+    const bool is_signed = negative > 0;
+    if (is_signed) {
+      if (negative != 127) return false;
+      for (int k = 0; k < 127; ++k)
+        if (mid[126 - k] != -mid[127 + k]) return false;
+    }
+    const float* pos = mid + negative;  // R_0, the inner midpoints of decade 0, R_1, ...
+    const int n_pos = kQuantMapSize - 1 - negative;
+    float boundary[8];
+    boundary[0] = pos[0];
+    int j = 0;
+    set_region(0, 0.0f, -0.5f, negative, 0);  // x <= R_0: t = 0.5, never near an integer
+    for (int d = 0; d < 7; ++d) {
+      const int n = is_signed ? 1 << d : 2 << d;
+      if (j + n >= n_pos) return false;
+      const double scale = std::pow(10.0, d - 6);
+      float slope = float(n / (0.9 * scale)), offset = float(0.1 * n / 0.9);
+      if (n == 1) slope = 0.0f, offset = -0.5f;
+      for (int k = 1; k < n; ++k) {
+        const float t = pos[j + k] * slope - offset;
+        if (!(std::fabs(t - float(k)) <= kTieBand / 2)) return false;
+      }
+      set_region(d + 1, slope, offset, negative + j + 1, n - 1);
+      j += n;
+      boundary[d + 1] = pos[j];
+    }
+    if (j != n_pos - 1) return false;
+    for (int r = 8; r < 16; ++r) set_region(r, 0.0f, -0.5f, kQuantMapSize - 1, 0);  // x > R_7: 255
+    for (int b = 0; b < 32; ++b) {
+      const float lo = std::ldexp(1.0f, b - 24), hi = std::ldexp(1.0f, b - 23);
+      binade_region[b] = 0;
+      binade_bound[b] = INFINITY;
+      for (int d = 0; d < 8; ++d) {
+        if (boundary[d] < lo) ++binade_region[b];
+        else if (boundary[d] < hi) {
+          if (binade_bound[b] != INFINITY) return false;
+          binade_bound[b] = boundary[d];
+        }
+      }
+    }
+    // Binade 0 takes every x below 2^-23 (zero and denormals too), binade 31 every x from 2^7.
+    if (!(boundary[0] >= std::ldexp(1.0f, -24)) || !(boundary[7] < std::ldexp(1.0f, 7))) return false;
+    mirror = 2 * negative;
+    return true;
+  }
+
+  // Lanes whose t is within kTieBand of an integer (or NaN) take the exact scalar path.
+  static constexpr float kTieBand = 1.0f / 1024.0f;
+
+ private:
+  void set_region(int r, float slope, float offset, int first, int last) {
+    region_slope[r] = slope;
+    region_offset[r] = offset;
+    region_first[r] = first;
+    region_last[r] = last;
   }
 };
 
@@ -121,10 +201,17 @@ class RegisterCodec {
   }
 
   template <Precision PREC>
-  void quantize(const float*, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
+  void quantize(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
                 const RoundingKeys& keys) const {
     const RegisterMapTables& t = tables_[k != 0];
-    const Search search(t);
+    if (t.decades_valid) return quantize_with<PREC>(DecadeSearch(t, maps, k), t, k, v, inv, c, n, keys);
+    return quantize_with<PREC>(Search(t), t, k, v, inv, c, n, keys);
+  }
+
+ private:
+  template <Precision PREC, typename Searcher>
+  static void quantize_with(const Searcher& search, const RegisterMapTables& t, int k, const float* __restrict__ v,
+                            float inv, uint8_t* __restrict__ c, int n, const RoundingKeys& keys) {
     const __m512 scale = _mm512_set1_ps(inv);
     if constexpr (PREC == Precision::kStochastic) {
       // The random bits of the block first (element.h: element_random; vectorized by the
@@ -150,7 +237,6 @@ class RegisterCodec {
     }
   }
 
- private:
   static __mmask16 tail_mask(int left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
 
   // Bit b of every lane of v, as a mask (a shift and vpmovd2m: kept off the shuffle port,
@@ -229,6 +315,73 @@ class RegisterCodec {
       }
       const __mmask16 negative_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) & _mm512_movepi32_mask(_mm512_castps_si512(x));
       return _mm512_mask_mov_epi32(code, negative_nan, _mm512_setzero_si512());
+    }
+  };
+
+  // The nearest code in about half the operations of Search: |x|'s binade (a table of 32) and
+  // one compare against the region boundary inside it give x's region, the region's line gives
+  // t, and the code is the region's first + clamp(floor(t), 0, last) (RegisterMapTables::
+  // build_decades); a negative x mirrors. Lanes where that could be off by one (t within
+  // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) take quantize_code.
+  struct DecadeSearch {
+    __m512 bound_lo, bound_hi, slope, offset;
+    __m512i region_lo, region_hi, first, last, mirror;
+    const float* map;
+    const int32_t* base;
+    const float* threshold;
+
+    DecadeSearch(const RegisterMapTables& t, const float* maps, int k)
+        : bound_lo(_mm512_loadu_ps(t.binade_bound)),
+          bound_hi(_mm512_loadu_ps(t.binade_bound + 16)),
+          slope(_mm512_loadu_ps(t.region_slope)),
+          offset(_mm512_loadu_ps(t.region_offset)),
+          region_lo(_mm512_loadu_si512(t.binade_region)),
+          region_hi(_mm512_loadu_si512(t.binade_region + 16)),
+          first(_mm512_loadu_si512(t.region_first)),
+          last(_mm512_loadu_si512(t.region_last)),
+          mirror(_mm512_set1_epi32(t.mirror)),
+          map(quant_map(maps, k)),
+          base(quant_base(maps, k)),
+          threshold(quant_threshold(maps, k)) {}
+
+    __m512i nearest(__m512 x) const {
+      const __m512i magnitude_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+      const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
+      const __m512i binade = _mm512_min_epi32(
+          _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kBucketMinExponent)),
+                           _mm512_setzero_si512()),
+          _mm512_set1_epi32(31));
+      const __m512 bound = _mm512_permutex2var_ps(bound_lo, binade, bound_hi);
+      __m512i region = _mm512_permutex2var_epi32(region_lo, binade, region_hi);
+      region = _mm512_mask_add_epi32(region, _mm512_cmp_ps_mask(magnitude, bound, _CMP_GT_OQ), region,
+                                     _mm512_set1_epi32(1));
+      const __m512 t = _mm512_sub_ps(_mm512_mul_ps(magnitude, _mm512_permutexvar_ps(region, slope)),
+                                     _mm512_permutexvar_ps(region, offset));
+      const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      // frac(t) outside [kTieBand, 1 - kTieBand], or NaN: |frac - 0.5| not <= 0.5 - kTieBand.
+      const __m512 from_half = _mm512_abs_ps(_mm512_sub_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.5f)));
+      const __mmask16 unsure = _mm512_cmp_ps_mask(from_half, _mm512_set1_ps(0.5f - RegisterMapTables::kTieBand),
+                                                  _CMP_NLE_UQ) |
+                               _mm512_cmp_ps_mask(magnitude, bound, _CMP_EQ_OQ);
+      const __m512i inner = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvttps_epi32(whole), _mm512_setzero_si512()),
+                                             _mm512_permutexvar_epi32(region, last));
+      __m512i code = _mm512_add_epi32(_mm512_permutexvar_epi32(region, first), inner);
+      code = _mm512_max_epi32(_mm512_mask_sub_epi32(code, _mm512_movepi32_mask(_mm512_castps_si512(x)), mirror, code),
+                              _mm512_setzero_si512());
+      if (unsure != 0) code = exact_lanes(x, code, unsure);
+      return code;
+    }
+
+    __m512i exact_lanes(__m512 x, __m512i code, __mmask16 lanes) const {
+      alignas(64) float xs[16];
+      alignas(64) int32_t cs[16];
+      _mm512_store_ps(xs, x);
+      _mm512_store_si512(cs, code);
+      for (unsigned m = lanes; m != 0; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        cs[l] = quantize_code<false>(map, base, threshold, xs[l], 0u);
+      }
+      return _mm512_load_si512(cs);
     }
   };
 
