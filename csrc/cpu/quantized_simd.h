@@ -98,6 +98,7 @@ struct alignas(64) RegisterMapTables {
         const float t = pos[j + k] * slope - offset;
         if (!(std::fabs(t - float(k)) <= kTieBand / 2)) return false;
       }
+      if (!(boundary[d] * slope - offset >= 0.0f)) return false;  // floor(t) >= 0 in the region
       set_region(d + 1, slope, offset, negative + j + 1, n - 1);
       j += n;
       boundary[d + 1] = pos[j];
@@ -204,7 +205,9 @@ class RegisterCodec {
   void quantize(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
                 const RoundingKeys& keys) const {
     const RegisterMapTables& t = tables_[k != 0];
-    if (t.decades_valid) return quantize_with<PREC>(DecadeSearch(t, maps, k), t, k, v, inv, c, n, keys);
+    if (t.decades_valid && t.mirror != 0)
+      return quantize_with<PREC>(DecadeSearch<true>(t, maps, k), t, k, v, inv, c, n, keys);
+    if (t.decades_valid) return quantize_with<PREC>(DecadeSearch<false>(t, maps, k), t, k, v, inv, c, n, keys);
     return quantize_with<PREC>(Search(t), t, k, v, inv, c, n, keys);
   }
 
@@ -323,6 +326,7 @@ class RegisterCodec {
   // t, and the code is the region's first + clamp(floor(t), 0, last) (RegisterMapTables::
   // build_decades); a negative x mirrors. Lanes where that could be off by one (t within
   // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) take quantize_code.
+  template <bool MIRRORED>
   struct DecadeSearch {
     __m512 bound_lo, bound_hi, slope, offset;
     __m512i region_lo, region_hi, first, last, mirror;
@@ -347,9 +351,10 @@ class RegisterCodec {
     __m512i nearest(__m512 x) const {
       const __m512i magnitude_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
       const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
+      // The binade: the exponent field less kBucketMinExponent, clamped to [0, 31] (a saturating
+      // subtract on 16-bit halves whose upper half is 0).
       const __m512i binade = _mm512_min_epi32(
-          _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kBucketMinExponent)),
-                           _mm512_setzero_si512()),
+          _mm512_subs_epu16(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kBucketMinExponent)),
           _mm512_set1_epi32(31));
       const __m512 bound = _mm512_permutex2var_ps(bound_lo, binade, bound_hi);
       __m512i region = _mm512_permutex2var_epi32(region_lo, binade, region_hi);
@@ -357,17 +362,22 @@ class RegisterCodec {
                                      _mm512_set1_epi32(1));
       const __m512 t = _mm512_sub_ps(_mm512_mul_ps(magnitude, _mm512_permutexvar_ps(region, slope)),
                                      _mm512_permutexvar_ps(region, offset));
-      const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      // frac(t) outside [kTieBand, 1 - kTieBand], or NaN: |frac - 0.5| not <= 0.5 - kTieBand.
-      const __m512 from_half = _mm512_abs_ps(_mm512_sub_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.5f)));
-      const __mmask16 unsure = _mm512_cmp_ps_mask(from_half, _mm512_set1_ps(0.5f - RegisterMapTables::kTieBand),
-                                                  _CMP_NLE_UQ) |
-                               _mm512_cmp_ps_mask(magnitude, bound, _CMP_EQ_OQ);
-      const __m512i inner = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvttps_epi32(whole), _mm512_setzero_si512()),
+      // t - round(t) within kTieBand of 0, or NaN: not |t - round(t)| >= kTieBand.
+      __mmask16 unsure = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)),
+                                            _mm512_set1_ps(RegisterMapTables::kTieBand), _CMP_NGE_UQ);
+      // floor(t) >= 0: t >= t(lower boundary) >= 0 (build_decades checks the latter).
+      const __m512i inner = _mm512_min_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
                                              _mm512_permutexvar_epi32(region, last));
       __m512i code = _mm512_add_epi32(_mm512_permutexvar_epi32(region, first), inner);
-      code = _mm512_max_epi32(_mm512_mask_sub_epi32(code, _mm512_movepi32_mask(_mm512_castps_si512(x)), mirror, code),
-                              _mm512_setzero_si512());
+      const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
+      if constexpr (MIRRORED) {
+        // max(mirror - code, 0), saturating on 16-bit halves (upper halves 0). The mirror is
+        // off by one where |x| is a boundary itself: exact lanes.
+        code = _mm512_mask_mov_epi32(code, negative, _mm512_subs_epu16(mirror, code));
+        unsure |= _mm512_cmp_ps_mask(magnitude, bound, _CMP_EQ_OQ);
+      } else {
+        code = _mm512_maskz_mov_epi32(_knot_mask16(negative), code);  // every midpoint is > 0
+      }
       if (unsure != 0) code = exact_lanes(x, code, unsure);
       return code;
     }
