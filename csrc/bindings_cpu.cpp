@@ -112,6 +112,49 @@ void sam_perturb(const Int64Array& params, const Int64Array& saved, const Int64A
   active_kernels().sam_perturb(call);
 }
 
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+void check_codec_state(int state) {
+  if (state < 0 || state > 2) throw std::invalid_argument("fusedopt: codec state must be 0, 1 or 2");
+}
+
+// The 8-bit codec of the kernels in use on a 1-D array (tests/test_quantized_codec.py).
+ByteArray quantize_codes(int64_t maps, const FloatArray& values, int state, bool stochastic, uint32_t key_a,
+                         uint32_t key_b) {
+  check_codec_state(state);
+  if (maps == 0) throw std::invalid_argument("fusedopt: quantize_codes needs the maps (maps)");
+  if (values.ndim() != 1) throw std::invalid_argument("fusedopt: quantize_codes takes a 1-D values array");
+  ByteArray codes(values.shape(0));
+  CodecCall call;
+  call.maps = reinterpret_cast<const float*>(maps);
+  call.state = state;
+  call.n = values.shape(0);
+  call.values = values.data();
+  call.codes = codes.mutable_data();
+  call.stochastic = stochastic;
+  call.key_a = key_a;
+  call.key_b = key_b;
+  active_kernels().codec(call);
+  return codes;
+}
+
+FloatArray dequantize_codes(int64_t maps, const ByteArray& codes, int state, float scale) {
+  check_codec_state(state);
+  if (maps == 0) throw std::invalid_argument("fusedopt: dequantize_codes needs the maps (maps)");
+  if (codes.ndim() != 1) throw std::invalid_argument("fusedopt: dequantize_codes takes a 1-D codes array");
+  FloatArray out(codes.shape(0));
+  CodecCall call;
+  call.maps = reinterpret_cast<const float*>(maps);
+  call.state = state;
+  call.n = codes.shape(0);
+  call.codes_in = codes.data();
+  call.dequantized = out.mutable_data();
+  call.scale = scale;
+  active_kernels().codec(call);
+  return out;
+}
+
 struct TensorAccessors {
   PyObject* data_ptr = nullptr;       // method descriptor
   PyObject* is_contiguous = nullptr;  // method descriptor
@@ -194,6 +237,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy", &copy, py::arg("dsts"), py::arg("srcs"), py::arg("nbytes"), py::arg("num_threads") = 1,
         "dst[t][:nbytes[t]] = src[t][:nbytes[t]] over non-overlapping byte ranges, streaming stores where the "
         "instruction set has them.");
+  m.def("quantize_codes", &quantize_codes, py::arg("maps"), py::arg("values"), py::arg("state"),
+        py::arg("stochastic") = false, py::arg("key_a") = 0, py::arg("key_b") = 0,
+        "8-bit codes of normalized values by the kernels' codec (maps: address of the qmaps buffer).");
+  m.def("dequantize_codes", &dequantize_codes, py::arg("maps"), py::arg("codes"), py::arg("state"),
+        py::arg("scale") = 1.0f, "map[code] * scale by the kernels' codec (maps: address of the qmaps buffer).");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   m.attr("table_columns") = int(kNumTableColumns);

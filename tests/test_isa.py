@@ -34,6 +34,10 @@ cases = {
                                                                 state_dtype=torch.bfloat16)),
     "adamw_bf16_master": (torch.bfloat16, dict(lr=1e-3, master_weights=True, weight_decay=0.1)),
     "adamw_bf16_master_bf16state": (torch.bfloat16, dict(lr=1e-3, master_weights=True, state_dtype=torch.bfloat16)),
+    # 8-bit moments (params >= 4096 elements): the AVX-512 build's register codec
+    # (cpu/quantized_simd.h), nearest and stochastic codes, against the others' bucket tables
+    "adamw_8bit": (torch.float32, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, state_dtype=torch.uint8)),
+    "adamw_bf16_sr_8bit": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=5, state_dtype=torch.uint8)),
 }
 # Cases stepped with GradScaler-style scaled grads (grad_scale), plus one skipped step (found_inf).
 scaled = {"adam_bf16_coupled_amsgrad_maximize": 2.0 ** 10, "adamw_bf16_sr_bf16state": 2.0 ** 8}
@@ -61,6 +65,20 @@ for _ in range(3):
     sgd_ps[0].grad = torch.randn(5000).bfloat16()
     opt.step()
 out["sgd_sr"] = hashlib.sha256(sgd_ps[0].detach().view(torch.uint8).numpy().tobytes()).hexdigest()
+for name, make in (("sgd_8bit", lambda ps: fusedopt.SGD(ps, lr=0.1, momentum=0.9, state_dtype=torch.uint8)),
+                   ("lion_8bit", lambda ps: fusedopt.Lion(ps, lr=1e-3, state_dtype=torch.uint8))):
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5000, 70001)]
+    opt = make(ps)
+    h = hashlib.sha256()
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    for p in ps:
+        for t in (p, *opt.state[p].values()):
+            h.update(t.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    out[name] = h.hexdigest()
 print(json.dumps(out))
 """
 
@@ -76,7 +94,8 @@ def _run(isa: str | None) -> dict:
 
 
 def test_every_isa_build_gives_the_same_bits():
-    runs = {isa: _run(isa) for isa in ("baseline", "avx2", None)}
+    # None: the widest build the CPU runs (AVX-512 with VBMI byte permutes where it has them)
+    runs = {isa: _run(isa) for isa in ("baseline", "avx2", "avx512", None)}
     isas = {k: v.pop("isa") for k, v in runs.items()}
     assert isas["baseline"] == "baseline"
     if len(set(isas.values())) < 2:

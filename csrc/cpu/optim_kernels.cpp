@@ -16,6 +16,7 @@
 #include "../fusedopt/step_dispatch.h"
 #include "adam_bf16_avx2.h"
 #include "multi_tensor_cpu.h"
+#include "quantized_simd.h"
 #include "step_call.h"
 #include "step_inputs.h"
 
@@ -253,6 +254,7 @@ void quantized_loop(const StepCall& call) {
   StatSlots stats(call, work.chunks());
   const float* maps = call.scalars.qmaps;
   const bool inputs = has_step_inputs(call.table, call.n_tensors);
+  const auto codec = quant_codec(maps);
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
     work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
       const int64_t* row = call.table + t * kNumTableColumns;
@@ -277,10 +279,10 @@ void quantized_loop(const StepCall& call) {
         const RoundingKeys keys = plan.keys.at(b);
         if (A::kUsesFirst && plan.first)
           quantized_block<A, P, PREC, V, A::kUsesFirst>(param, grad, codes, absmax, extra, n, maps, plan.scalars,
-                                                        keys, runner);
+                                                        keys, runner, codec);
         else
           quantized_block<A, P, PREC, V, false>(param, grad, codes, absmax, extra, n, maps, plan.scalars, keys,
-                                                runner);
+                                                runner, codec);
       }
     });
   });
@@ -442,14 +444,39 @@ void sam_perturb(const PerturbCall& call) {
   throw std::invalid_argument("fusedopt: unsupported dtype for sam_perturb");
 }
 
+// The codec the step uses (quant_codec), on plain arrays (step_call.h: CodecCall).
+void codec(const CodecCall& call) {
+  const auto codec = quant_codec(call.maps);
+  for (int64_t b = 0; b < call.n; b += kQuantBlock) {
+    const int n = int(call.n - b < kQuantBlock ? call.n - b : kQuantBlock);
+    if (call.values == nullptr) {
+      codec.dequantize(call.maps, call.state, call.codes_in + b, call.scale, call.dequantized + b, n);
+    } else if (call.stochastic) {
+      codec.template quantize<Precision::kStochastic>(call.maps, call.state, call.values + b, 1.0f, call.codes + b, n,
+                                                      RoundingKeys{call.key_a, call.key_b, b});
+    } else {
+      codec.template quantize<Precision::kPlain>(call.maps, call.state, call.values + b, 1.0f, call.codes + b, n,
+                                                 RoundingKeys{});
+    }
+  }
+}
+
 }  // namespace
 
 #define FUSEDOPT_STR2(x) #x
 #define FUSEDOPT_STR(x) FUSEDOPT_STR2(x)
 
-KernelTable kernels() {
-  return {FUSEDOPT_STR(FUSEDOPT_ISA), [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average,
-          copy, sam_perturb};
+// byte_permutes: the CPU has AVX512_VBMI (used by the AVX-512 build's 8-bit codec only).
+KernelTable kernels(bool byte_permutes) {
+  const char* isa = FUSEDOPT_STR(FUSEDOPT_ISA);
+#if defined(FUSEDOPT_QUANT_AVX512)
+  g_byte_permutes = byte_permutes;
+  if (byte_permutes) isa = FUSEDOPT_STR(FUSEDOPT_ISA) "vbmi";
+#else
+  (void)byte_permutes;
+#endif
+  return {isa, [](const StepCall& c) { dispatch_step<StepKernel>(c); }, sum_squares, average, copy,
+          sam_perturb, codec};
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA

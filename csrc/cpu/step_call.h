@@ -63,6 +63,23 @@ struct PerturbCall {
   int num_threads = 1;
 };
 
+// The 8-bit codec of a build (quantized.h) on plain arrays, for tests: either the codes of n
+// values already normalized (x = value, in blocks of kQuantBlock whose random bits are those of
+// elements [b, b + kQuantBlock) of a tensor with keys key_a, key_b), or the values of n codes
+// times `scale`. `state` picks the map (0: signed, 1 and 2: unsigned).
+struct CodecCall {
+  const float* maps = nullptr;  // the qmaps buffer (StepScalars::qmaps)
+  int state = 0;
+  int64_t n = 0;
+  const float* values = nullptr;  // quantize: values -> codes
+  const uint8_t* codes_in = nullptr;  // dequantize: codes_in -> dequantized
+  uint8_t* codes = nullptr;
+  float* dequantized = nullptr;
+  float scale = 1.0f;
+  bool stochastic = false;
+  uint32_t key_a = 0, key_b = 0;
+};
+
 // Every kernel of one instruction-set build; dispatch.cpp picks one table at import.
 struct KernelTable {
   const char* isa;
@@ -71,6 +88,7 @@ struct KernelTable {
   void (*average)(const AverageCall&);
   void (*copy)(const CopyCall&);
   void (*sam_perturb)(const PerturbCall&);
+  void (*codec)(const CodecCall&);
 };
 
 }  // namespace fusedopt::cpu

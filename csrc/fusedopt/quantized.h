@@ -92,25 +92,54 @@ FUSEDOPT_HD int quantize_code(const float* map, const int32_t* base, const float
   }
 }
 
+// The table reads of quantized_block, for one state k over the block's n elements: codes to
+// values (map[c] * scale) and values to codes (quantize_code of v * inv; under stochastic
+// rounding with the element's random bits, as step_element draws them). This one reads the
+// tables element by element (vectorized to gathers on the CPU); the CPU's AVX-512 build
+// passes its own codec with the same results (cpu/quantized_simd.h).
+struct TableCodec {
+  void dequantize(const float* maps, int k, const uint8_t* __restrict__ c, float scale, float* __restrict__ out,
+                  int n) const {
+    const float* __restrict__ map = quant_map(maps, k);
+    FUSEDOPT_SIMD
+    for (int i = 0; i < n; ++i) out[i] = map[c[i]] * scale;
+  }
+
+  template <Precision PREC>
+  void quantize(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
+                const RoundingKeys& keys) const {
+    const float* __restrict__ map = quant_map(maps, k);
+    const int32_t* __restrict__ base = quant_base(maps, k);
+    const float* __restrict__ threshold = quant_threshold(maps, k);
+    const uint32_t shift = k == 2 ? 16 : 0;  // random bits: state 0 a >> 16, state 1 b, state 2 b >> 16
+    FUSEDOPT_SIMD
+    for (int i = 0; i < n; ++i) {
+      const float x = v[i] * inv;
+      if constexpr (PREC == Precision::kStochastic) {
+        const ElementRandom r = element_random<PREC>(keys, i, true);
+        c[i] = uint8_t(quantize_code<true>(map, base, threshold, x, k == 0 ? r.a >> 16 : r.b >> shift));
+      } else {
+        c[i] = uint8_t(quantize_code<false>(map, base, threshold, x, 0u));
+      }
+    }
+  }
+};
+
 // One block of algorithm A on a param with 8-bit states: elements [0, n) of the arrays
 // handed in (n <= kQuantBlock; the arrays start at the block's first element), the states'
 // codes and this block's absmax slot of each state. `slot`: track_stats sums (or null), added
 // as run_piece does. Runs on the host (the CPU loop); the CUDA kernel splits the same steps
 // over a thread block.
-template <class A, typename P, Precision PREC, bool V, bool FIRST, typename RunPiece>
+template <class A, typename P, Precision PREC, bool V, bool FIRST, typename RunPiece, typename Codec = TableCodec>
 inline void quantized_block(P* __restrict__ param, const P* __restrict__ grad, q8_t* const (&codes)[3],
                             float* const (&absmax)[3], void* __restrict__ extra, int n, const float* maps,
                             const typename A::template Scalars<ComputeOf<P>>& scalars, const RoundingKeys& keys,
-                            RunPiece run_piece) {
+                            RunPiece run_piece, const Codec& codec = Codec{}) {
   constexpr int kStates = A::template kStates<V>;
-  float s[3][kQuantBlock];
+  alignas(64) float s[3][kQuantBlock];
   for (int k = 0; k < kStates; ++k) {
-    const float* map = quant_map(maps, k);
-    const float scale = *absmax[k];
-    const uint8_t* __restrict__ c = reinterpret_cast<const uint8_t*>(codes[k]);
     if (A::template reads_state<V, FIRST>(k)) {
-    FUSEDOPT_SIMD
-      for (int i = 0; i < n; ++i) s[k][i] = map[c[i]] * scale;
+      codec.dequantize(maps, k, reinterpret_cast<const uint8_t*>(codes[k]), *absmax[k], s[k], n);
     } else {
       for (int i = 0; i < n; ++i) s[k][i] = 0.0f;
     }
@@ -128,21 +157,7 @@ inline void quantized_block(P* __restrict__ param, const P* __restrict__ grad, q
     for (int i = 0; i < n; ++i) m = m > std::fabs(v[i]) ? m : std::fabs(v[i]);
     *absmax[k] = m;
     const float inv = m > 0.0f ? 1.0f / m : 0.0f;  // x = value * (1 / absmax), as _quantization.quantize
-    const float* __restrict__ map = quant_map(maps, k);
-    const int32_t* __restrict__ base = quant_base(maps, k);
-    const float* __restrict__ threshold = quant_threshold(maps, k);
-    uint8_t* __restrict__ c = reinterpret_cast<uint8_t*>(codes[k]);
-    const uint32_t shift = k == 2 ? 16 : 0;  // random bits: state 0 a >> 16, state 1 b, state 2 b >> 16
-    FUSEDOPT_SIMD
-    for (int i = 0; i < n; ++i) {
-      const float x = v[i] * inv;
-      if constexpr (PREC == Precision::kStochastic) {
-        const ElementRandom r = element_random<PREC>(keys, i, true);
-        c[i] = uint8_t(quantize_code<true>(map, base, threshold, x, k == 0 ? r.a >> 16 : r.b >> shift));
-      } else {
-        c[i] = uint8_t(quantize_code<false>(map, base, threshold, x, 0u));
-      }
-    }
+    codec.template quantize<PREC>(maps, k, v, inv, reinterpret_cast<uint8_t*>(codes[k]), n, keys);
   }
 }
 

@@ -1,0 +1,431 @@
+// The 8-bit codec of the CPU's AVX-512 build: quantized_block's table reads (quantized.h:
+// TableCodec) with the tables held in zmm registers instead of read by gathers, which cost
+// about 30 cycles per 16 lanes on recent Xeons (one per value to dequantize, two per value to
+// quantize). Same results bit for bit:
+//   dequantize: map[c] via vpermi2ps over the 256-entry map (16 registers), 8 permutes and a
+//     blend tree on the code's bits 5..7;
+//   nearest code: the number of the map's 255 midpoints below x, by a branch-free binary
+//     search (8 compares) whose candidate midpoints come from permutes of small tables;
+//   stochastic code: quantize_code<true> on that nearest code, its map values read as above.
+// Other builds (and the CUDA kernel) keep TableCodec.
+#pragma once
+#include <cmath>
+#include <cstring>
+
+#include "../fusedopt/quantized.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define FUSEDOPT_QUANT_AVX512 1
+#endif
+
+#ifndef FUSEDOPT_ISA
+#error "quantized_simd.h belongs to the per-ISA CPU build (optim_kernels.cpp)"
+#endif
+
+namespace fusedopt::cpu::FUSEDOPT_ISA {
+
+#if defined(FUSEDOPT_QUANT_AVX512)
+
+// The per-map tables of the codec, built from the kernels' maps buffer (quantized.h) once per
+// step call: the map itself, the map shifted by one code either way (for the stochastic code's
+// neighbours) and the 255 midpoints in the order the binary search reads them.
+struct alignas(64) RegisterMapTables {
+  float map[kQuantMapSize];
+  // Level l of the search (step 2^(7-l), 2^l candidates): search[l][j] is the midpoint
+  // compared when the codes decided so far are j * 2^(8-l), i.e. mid[(2j + 1) * 2^(7-l) - 1].
+  // Levels padded to 16 floats at least.
+  float search[8][128];
+  // Byte b of every map value (little-endian), for the byte-permute dequantizer.
+  uint8_t planes[4][kQuantMapSize];
+
+  // The decade search (DecadeSearch), where the map has the structure it relies on.
+  bool decades_valid;
+  float binade_bound[32];          // the region boundary inside binade [2^(i-24), 2^(i-23)), or +inf
+  int32_t binade_region[32];       // the region at the binade's start
+  float region_slope[16], region_offset[16];  // t = |x| * slope - offset
+  int32_t region_first[16];        // the code at the region's start (x > its lower boundary)
+  int32_t region_last[16];         // the number of inner midpoints of the region
+  int32_t mirror;                  // a negative x's code is max(mirror - code(|x|), 0)
+
+  void build(const float* qmap) {
+    std::memcpy(map, qmap, sizeof(map));
+    for (int c = 0; c < kQuantMapSize; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, qmap + c, 4);
+      for (int b = 0; b < 4; ++b) planes[b][c] = uint8_t(bits >> (8 * b));
+    }
+    float mid[kQuantMapSize - 1];
+    for (int c = 0; c + 1 < kQuantMapSize; ++c)
+      mid[c] = float((double(qmap[c]) + double(qmap[c + 1])) / 2.0);  // as _quantization.midpoints
+    for (int l = 0; l < 8; ++l) {
+      const int step = 1 << (7 - l);
+      for (int j = 0; j < 128; ++j) search[l][j] = j < (1 << l) ? mid[(2 * j + 1) * step - 1] : 0.0f;
+    }
+    decades_valid = build_decades(mid);
+  }
+
+  // The decade search's tables, for bitsandbytes' dynamic maps: above 0 (the signed map's lower
+  // half mirrors its upper half), decade d = 0..6 holds n_d values spread evenly over
+  // (0.1, 1) * 10^(d-6) (n_d = 2^d signed, 2^(d+1) unsigned), then 1.0. So the positive midpoints
+  // are 8 irregular ones (R_d between decades, R_7 below 1.0) cutting [0, inf) into 9 regions,
+  // and inside region d + 1 (R_d < x <= R_d+1) n_d - 1 evenly spaced ones: the k-th of them lies
+  // at t = k of t(x) = x * slope_d - offset_d, so the code there is first + clamp(floor(t), 0,
+  // n_d - 1). False (and the codec keeps the binary search) when any of that does not hold:
+  // each inner midpoint's t, computed in float as the kernel does, must be within kTieBand / 2
+  // of its integer, and each binade may hold one R at most.
+  bool build_decades(const float (&mid)[kQuantMapSize - 1]) {
+    int negative = 0;
+    while (negative < kQuantMapSize - 1 && mid[negative] < 0.0f) ++negative;
+    const bool is_signed = negative > 0;
+    if (is_signed) {
+      if (negative != 127) return false;
+      for (int k = 0; k < 127; ++k)
+        if (mid[126 - k] != -mid[127 + k]) return false;
+    }
+    const float* pos = mid + negative;  // R_0, the inner midpoints of decade 0, R_1, ...
+    const int n_pos = kQuantMapSize - 1 - negative;
+    float boundary[8];
+    boundary[0] = pos[0];
+    int j = 0;
+    set_region(0, 0.0f, -0.5f, negative, 0);  // x <= R_0: t = 0.5, never near an integer
+    for (int d = 0; d < 7; ++d) {
+      const int n = is_signed ? 1 << d : 2 << d;
+      if (j + n >= n_pos) return false;
+      const double scale = std::pow(10.0, d - 6);
+      float slope = float(n / (0.9 * scale)), offset = float(0.1 * n / 0.9);
+      if (n == 1) slope = 0.0f, offset = -0.5f;
+      for (int k = 1; k < n; ++k) {
+        const float t = pos[j + k] * slope - offset;
+        if (!(std::fabs(t - float(k)) <= kTieBand / 2)) return false;
+      }
+      if (!(boundary[d] * slope - offset >= 0.0f)) return false;  // floor(t) >= 0 in the region
+      set_region(d + 1, slope, offset, negative + j + 1, n - 1);
+      j += n;
+      boundary[d + 1] = pos[j];
+    }
+    if (j != n_pos - 1) return false;
+    for (int r = 8; r < 16; ++r) set_region(r, 0.0f, -0.5f, kQuantMapSize - 1, 0);  // x > R_7: 255
+    for (int b = 0; b < 32; ++b) {
+      const float lo = std::ldexp(1.0f, b - 24), hi = std::ldexp(1.0f, b - 23);
+      binade_region[b] = 0;
+      binade_bound[b] = INFINITY;
+      for (int d = 0; d < 8; ++d) {
+        if (boundary[d] < lo) ++binade_region[b];
+        else if (boundary[d] < hi) {
+          if (binade_bound[b] != INFINITY) return false;
+          binade_bound[b] = boundary[d];
+        }
+      }
+    }
+    // Binade 0 takes every x below 2^-23 (zero and denormals too), binade 31 every x from 2^7.
+    if (!(boundary[0] >= std::ldexp(1.0f, -24)) || !(boundary[7] < std::ldexp(1.0f, 7))) return false;
+    mirror = 2 * negative;
+    return true;
+  }
+
+  // Lanes whose t is within kTieBand of an integer (or NaN) take the exact scalar path.
+  static constexpr float kTieBand = 1.0f / 1024.0f;
+
+ private:
+  void set_region(int r, float slope, float offset, int first, int last) {
+    region_slope[r] = slope;
+    region_offset[r] = offset;
+    region_first[r] = first;
+    region_last[r] = last;
+  }
+};
+
+// The unpacks of dequantize_byte_planes leave code 16k + 4L + e of 64 in dword e of 128-bit
+// lane L of result k when it sat at byte 16L + 4k + e: the codes are put there first.
+struct alignas(64) BytePlaneOrder {
+  uint8_t bytes[64];
+};
+constexpr BytePlaneOrder byte_plane_order() {
+  BytePlaneOrder o{};
+  for (int q = 0; q < 64; ++q) o.bytes[q] = uint8_t(16 * ((q % 16) / 4) + 4 * (q / 16) + q % 4);
+  return o;
+}
+inline constexpr BytePlaneOrder kBytePlaneOrder = byte_plane_order();
+
+// Dequantizes with byte permutes (AVX512_VBMI: vpermi2b looks 64 codes up in a 128-byte
+// table at once): each byte of the map values is looked up as a byte plane, and the four
+// planes are interleaved back into floats; about a third of the operations of the vpermi2ps
+// path. Compiled for VBMI here and called only where the CPU has it (dispatch.cpp).
+__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes(const uint8_t (&planes)[4][kQuantMapSize],
+                                                                          const uint8_t* __restrict__ c, float scale,
+                                                                          float* __restrict__ out, int n) {
+  __m512i t[4][4];
+  for (int b = 0; b < 4; ++b)
+    for (int j = 0; j < 4; ++j) t[b][j] = _mm512_loadu_si512(planes[b] + 64 * j);
+  const __m512i order = _mm512_load_si512(kBytePlaneOrder.bytes);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; i += 64) {
+    const int left = n - i;
+    const __mmask64 lanes = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    const __m512i code = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(lanes, c + i));
+    const __mmask64 high = _mm512_movepi8_mask(code);  // code >= 128: the upper half of each plane
+    __m512i byte[4];
+    for (int b = 0; b < 4; ++b)
+      byte[b] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[b][0], code, t[b][1]),
+                                       _mm512_permutex2var_epi8(t[b][2], code, t[b][3]));
+    const __m512i w01lo = _mm512_unpacklo_epi8(byte[0], byte[1]), w01hi = _mm512_unpackhi_epi8(byte[0], byte[1]);
+    const __m512i w23lo = _mm512_unpacklo_epi8(byte[2], byte[3]), w23hi = _mm512_unpackhi_epi8(byte[2], byte[3]);
+    const __m512i d[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
+                          _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
+    for (int k = 0; k < 4; ++k) {
+      const int rest = left - 16 * k;
+      if (rest <= 0) break;
+      const __mmask16 m = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1u);
+      _mm512_mask_storeu_ps(out + i + 16 * k, m, _mm512_mul_ps(_mm512_castsi512_ps(d[k]), s));
+    }
+  }
+}
+
+class RegisterCodec {
+ public:
+  // byte_permutes: dequantize with dequantize_byte_planes (the CPU has AVX512_VBMI).
+  RegisterCodec(const float* maps, bool byte_permutes) : byte_permutes_(byte_permutes) {
+    tables_[0].build(quant_map(maps, 0));
+    tables_[1].build(quant_map(maps, 1));
+  }
+
+  void dequantize(const float*, int k, const uint8_t* __restrict__ c, float scale, float* __restrict__ out,
+                  int n) const {
+    if (byte_permutes_) return dequantize_byte_planes(tables_[k != 0].planes, c, scale, out, n);
+    const Map256 map(tables_[k != 0].map);
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int i = 0; i < n; i += 16) {
+      const __mmask16 lanes = tail_mask(n - i);
+      const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, c + i));
+      _mm512_mask_storeu_ps(out + i, lanes, _mm512_mul_ps(map.lookup(code), s));
+    }
+  }
+
+  template <Precision PREC>
+  void quantize(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
+                const RoundingKeys& keys) const {
+    const RegisterMapTables& t = tables_[k != 0];
+    if (t.decades_valid && t.mirror != 0)
+      return quantize_with<PREC>(DecadeSearch<true>(t, maps, k), t, k, v, inv, c, n, keys);
+    if (t.decades_valid) return quantize_with<PREC>(DecadeSearch<false>(t, maps, k), t, k, v, inv, c, n, keys);
+    return quantize_with<PREC>(Search(t), t, k, v, inv, c, n, keys);
+  }
+
+ private:
+  template <Precision PREC, typename Searcher>
+  static void quantize_with(const Searcher& search, const RegisterMapTables& t, int k, const float* __restrict__ v,
+                            float inv, uint8_t* __restrict__ c, int n, const RoundingKeys& keys) {
+    const __m512 scale = _mm512_set1_ps(inv);
+    if constexpr (PREC == Precision::kStochastic) {
+      // The random bits of the block first (element.h: element_random; vectorized by the
+      // compiler): state 0 a >> 16, state 1 b, state 2 b >> 16.
+      alignas(64) uint32_t random[kQuantBlock];
+      const uint32_t key = k == 0 ? keys.a : keys.b;
+      const uint32_t shift = k == 1 ? 0 : 16;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) random[i] = random_bits(key, keys.offset, i) >> shift;
+      const Map256 map(t.map);
+      for (int i = 0; i < n; i += 16) {
+        const __mmask16 lanes = tail_mask(n - i);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
+        const __m512i r = _mm512_maskz_loadu_epi32(lanes, random + i);
+        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, stochastic(map, x, search.nearest(x), r));
+      }
+    } else {
+      for (int i = 0; i < n; i += 16) {
+        const __mmask16 lanes = tail_mask(n - i);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
+        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, search.nearest(x));
+      }
+    }
+  }
+
+  static __mmask16 tail_mask(int left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
+
+  // Bit b of every lane of v, as a mask (a shift and vpmovd2m: kept off the shuffle port,
+  // which the permutes saturate).
+  template <int B>
+  static __mmask16 bit_mask(__m512i v) { return _mm512_movepi32_mask(_mm512_slli_epi32(v, 31 - B)); }
+
+  // A 256-entry float table in 16 registers; lookup(c) = table[c] for c in [0, 256).
+  struct Map256 {
+    __m512 r[16];
+    explicit Map256(const float* table) {
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(table + 16 * j);
+    }
+    __m512 lookup(__m512i c) const {
+      const __mmask16 b5 = bit_mask<5>(c), b6 = bit_mask<6>(c), b7 = bit_mask<7>(c);
+      __m512 q[8];
+      for (int j = 0; j < 8; ++j) q[j] = _mm512_permutex2var_ps(r[2 * j], c, r[2 * j + 1]);  // bits 0..4
+      for (int j = 0; j < 4; ++j) q[j] = _mm512_mask_blend_ps(b5, q[2 * j], q[2 * j + 1]);
+      for (int j = 0; j < 2; ++j) q[j] = _mm512_mask_blend_ps(b6, q[2 * j], q[2 * j + 1]);
+      return _mm512_mask_blend_ps(b7, q[0], q[1]);
+    }
+  };
+
+  // The nearest code: the number of midpoints below x (searchsorted, left), found one bit at a
+  // time from the top; NaN as quantize_code: 255 with the sign bit clear, else 0.
+  struct Search {
+    __m512 l0, l1a, l1b, l2, l3, l4, l5[2], l6[4], l7[8];
+    explicit Search(const RegisterMapTables& t)
+        : l0(_mm512_set1_ps(t.search[0][0])),
+          l1a(_mm512_set1_ps(t.search[1][0])),
+          l1b(_mm512_set1_ps(t.search[1][1])),
+          l2(_mm512_load_ps(t.search[2])),
+          l3(_mm512_load_ps(t.search[3])),
+          l4(_mm512_load_ps(t.search[4])) {
+      for (int j = 0; j < 2; ++j) l5[j] = _mm512_load_ps(t.search[5] + 16 * j);
+      for (int j = 0; j < 4; ++j) l6[j] = _mm512_load_ps(t.search[6] + 16 * j);
+      for (int j = 0; j < 8; ++j) l7[j] = _mm512_load_ps(t.search[7] + 16 * j);
+    }
+
+    __m512i nearest(__m512 x) const {
+      // "Not x <= m" is x > m, and true for NaN: NaN climbs to 255 (fixed below for -NaN).
+      constexpr int kAbove = _CMP_NLE_UQ;
+      // Levels 0 and 1: one and two candidates.
+      const __mmask16 d7 = _mm512_cmp_ps_mask(x, l0, kAbove);
+      const __mmask16 d6 = _mm512_cmp_ps_mask(x, _mm512_mask_blend_ps(d7, l1a, l1b), kAbove);
+      __m512i code = _mm512_mask_blend_epi32(d7, _mm512_setzero_si512(), _mm512_set1_epi32(128));
+      code = _mm512_mask_add_epi32(code, d6, code, _mm512_set1_epi32(64));
+      // Levels 2..4: up to 16 candidates, one vpermps each on the decided bits.
+      __mmask16 d;
+      d = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(_mm512_srli_epi32(code, 6), l2), kAbove);
+      code = _mm512_mask_add_epi32(code, d, code, _mm512_set1_epi32(32));
+      d = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(_mm512_srli_epi32(code, 5), l3), kAbove);
+      code = _mm512_mask_add_epi32(code, d, code, _mm512_set1_epi32(16));
+      d = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(_mm512_srli_epi32(code, 4), l4), kAbove);
+      code = _mm512_mask_add_epi32(code, d, code, _mm512_set1_epi32(8));
+      // Level 5: 32 candidates, one vpermi2ps.
+      d = _mm512_cmp_ps_mask(x, _mm512_permutex2var_ps(l5[0], _mm512_srli_epi32(code, 3), l5[1]), kAbove);
+      code = _mm512_mask_add_epi32(code, d, code, _mm512_set1_epi32(4));
+      // Level 6: 64 candidates; the index's bit 5 is the level-0 decision.
+      {
+        const __m512i j = _mm512_srli_epi32(code, 2);
+        const __m512 lo = _mm512_permutex2var_ps(l6[0], j, l6[1]);
+        const __m512 hi = _mm512_permutex2var_ps(l6[2], j, l6[3]);
+        d = _mm512_cmp_ps_mask(x, _mm512_mask_blend_ps(d7, lo, hi), kAbove);
+        code = _mm512_mask_add_epi32(code, d, code, _mm512_set1_epi32(2));
+      }
+      // Level 7: 128 candidates; bits 6 and 5 of the index are the level-0 and level-1 decisions.
+      {
+        const __m512i j = _mm512_srli_epi32(code, 1);
+        __m512 q[4];
+        for (int h = 0; h < 4; ++h) q[h] = _mm512_permutex2var_ps(l7[2 * h], j, l7[2 * h + 1]);
+        const __m512 lo = _mm512_mask_blend_ps(d6, q[0], q[1]);
+        const __m512 hi = _mm512_mask_blend_ps(d6, q[2], q[3]);
+        d = _mm512_cmp_ps_mask(x, _mm512_mask_blend_ps(d7, lo, hi), kAbove);
+        code = _mm512_mask_add_epi32(code, d, code, _mm512_set1_epi32(1));
+      }
+      const __mmask16 negative_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) & _mm512_movepi32_mask(_mm512_castps_si512(x));
+      return _mm512_mask_mov_epi32(code, negative_nan, _mm512_setzero_si512());
+    }
+  };
+
+  // The nearest code in about half the operations of Search: |x|'s binade (a table of 32) and
+  // one compare against the region boundary inside it give x's region, the region's line gives
+  // t, and the code is the region's first + clamp(floor(t), 0, last) (RegisterMapTables::
+  // build_decades); a negative x mirrors. Lanes where that could be off by one (t within
+  // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) take quantize_code.
+  template <bool MIRRORED>
+  struct DecadeSearch {
+    __m512 bound_lo, bound_hi, slope, offset;
+    __m512i region_lo, region_hi, first, last, mirror;
+    const float* map;
+    const int32_t* base;
+    const float* threshold;
+
+    DecadeSearch(const RegisterMapTables& t, const float* maps, int k)
+        : bound_lo(_mm512_loadu_ps(t.binade_bound)),
+          bound_hi(_mm512_loadu_ps(t.binade_bound + 16)),
+          slope(_mm512_loadu_ps(t.region_slope)),
+          offset(_mm512_loadu_ps(t.region_offset)),
+          region_lo(_mm512_loadu_si512(t.binade_region)),
+          region_hi(_mm512_loadu_si512(t.binade_region + 16)),
+          first(_mm512_loadu_si512(t.region_first)),
+          last(_mm512_loadu_si512(t.region_last)),
+          mirror(_mm512_set1_epi32(t.mirror)),
+          map(quant_map(maps, k)),
+          base(quant_base(maps, k)),
+          threshold(quant_threshold(maps, k)) {}
+
+    __m512i nearest(__m512 x) const {
+      const __m512i magnitude_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+      const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
+      // The binade: the exponent field less kBucketMinExponent, clamped to [0, 31] (a saturating
+      // subtract on 16-bit halves whose upper half is 0).
+      const __m512i binade = _mm512_min_epi32(
+          _mm512_subs_epu16(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kBucketMinExponent)),
+          _mm512_set1_epi32(31));
+      const __m512 bound = _mm512_permutex2var_ps(bound_lo, binade, bound_hi);
+      __m512i region = _mm512_permutex2var_epi32(region_lo, binade, region_hi);
+      region = _mm512_mask_add_epi32(region, _mm512_cmp_ps_mask(magnitude, bound, _CMP_GT_OQ), region,
+                                     _mm512_set1_epi32(1));
+      const __m512 t = _mm512_sub_ps(_mm512_mul_ps(magnitude, _mm512_permutexvar_ps(region, slope)),
+                                     _mm512_permutexvar_ps(region, offset));
+      // t - round(t) within kTieBand of 0, or NaN: not |t - round(t)| >= kTieBand.
+      __mmask16 unsure = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)),
+                                            _mm512_set1_ps(RegisterMapTables::kTieBand), _CMP_NGE_UQ);
+      // floor(t) >= 0: t >= t(lower boundary) >= 0 (build_decades checks the latter).
+      const __m512i inner = _mm512_min_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                             _mm512_permutexvar_epi32(region, last));
+      __m512i code = _mm512_add_epi32(_mm512_permutexvar_epi32(region, first), inner);
+      const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
+      if constexpr (MIRRORED) {
+        // max(mirror - code, 0), saturating on 16-bit halves (upper halves 0). The mirror is
+        // off by one where |x| is a boundary itself: exact lanes.
+        code = _mm512_mask_mov_epi32(code, negative, _mm512_subs_epu16(mirror, code));
+        unsure |= _mm512_cmp_ps_mask(magnitude, bound, _CMP_EQ_OQ);
+      } else {
+        code = _mm512_maskz_mov_epi32(_knot_mask16(negative), code);  // every midpoint is > 0
+      }
+      if (unsure != 0) code = exact_lanes(x, code, unsure);
+      return code;
+    }
+
+    __m512i exact_lanes(__m512 x, __m512i code, __mmask16 lanes) const {
+      alignas(64) float xs[16];
+      alignas(64) int32_t cs[16];
+      _mm512_store_ps(xs, x);
+      _mm512_store_si512(cs, code);
+      for (unsigned m = lanes; m != 0; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        cs[l] = quantize_code<false>(map, base, threshold, xs[l], 0u);
+      }
+      return _mm512_load_si512(cs);
+    }
+  };
+
+  // quantize_code<true> given the nearest code (quantized.h, the same operations lane-wise).
+  static __m512i stochastic(const Map256& map, __m512 x, __m512i nearest, __m512i random16) {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __mmask16 below_nearest = _mm512_cmp_ps_mask(x, map.lookup(nearest), _CMP_LT_OQ);
+    const __m512i lo = _mm512_max_epi32(_mm512_mask_sub_epi32(nearest, below_nearest, nearest, one),
+                                        _mm512_setzero_si512());
+    const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, one), _mm512_set1_epi32(kQuantMapSize - 1));
+    const __m512 below = _mm512_sub_ps(x, map.lookup(lo));
+    const __m512 above = _mm512_sub_ps(map.lookup(hi), x);
+    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(random16, _mm512_set1_epi32(0xFFFF))),
+                                   _mm512_set1_ps(1.0f / 65536.0f));
+    const __mmask16 up = _mm512_cmp_ps_mask(below, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                         _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_add_ps(below, above)), below, _CMP_LT_OQ) &
+                         _mm512_cmpneq_epi32_mask(hi, lo);
+    return _mm512_mask_add_epi32(lo, up, lo, one);
+  }
+
+  RegisterMapTables tables_[2];
+  bool byte_permutes_;
+};
+
+// Whether this CPU's AVX-512 has byte permutes (AVX512_VBMI); set once by kernels().
+inline bool g_byte_permutes = false;
+
+// The codec of this build for a step call's maps buffer.
+inline RegisterCodec quant_codec(const float* maps) { return RegisterCodec(maps, g_byte_permutes); }
+
+#else
+
+inline TableCodec quant_codec(const float*) { return TableCodec{}; }
+
+#endif
+
+}  // namespace fusedopt::cpu::FUSEDOPT_ISA
