@@ -10,6 +10,7 @@
 
 #include "bindings_common.h"
 #include "cpu/dispatch.h"
+#include "cpu/worker_pool.h"
 
 namespace py = pybind11;
 using namespace fusedopt;
@@ -244,6 +245,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale") = 1.0f, "map[code] * scale by the kernels' codec (maps: address of the qmaps buffer).");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
   m.def("omp_max_threads", [] { return omp_get_max_threads(); });
+  m.def("pool_workers", &pool_workers, "Worker threads the CPU kernels' pool has started in this process.");
   m.attr("table_columns") = int(kNumTableColumns);
   m.attr("group_fields") = int(kNumGroupFields);
   m.attr("num_algorithms") = int(kNumAlgorithms);

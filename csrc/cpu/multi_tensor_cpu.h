@@ -2,10 +2,10 @@
 // tensors' elements, so 2,000 small tensors cost one region instead of 2,000, and one huge
 // tensor is still split across all threads.
 #pragma once
-#include <omp.h>
 #include <algorithm>
 #include <vector>
 #include "../fusedopt/common.h"
+#include "worker_pool.h"
 
 namespace fusedopt::cpu {
 
@@ -46,15 +46,18 @@ class WorkList {
   std::vector<int64_t> offsets_;
 };
 
-// Runs fn(chunk) over every chunk of the list. Chunks are handed out dynamically, so a thread
-// the OS delays (shared machines) does not hold up the others; results never depend on the
-// schedule: the work is elementwise, and reductions write one slot per chunk.
+// Runs fn(chunk) over every chunk of the list on up to num_threads threads (worker_pool.h: the
+// caller works too and never waits for a thread that has not claimed a chunk). Results never
+// depend on the schedule: the work is elementwise, and reductions write one slot per chunk.
+// fn must not throw (it runs on the pool's threads).
 template <typename Fn>
 void parallel_for_chunks(const WorkList& work, int num_threads, Fn fn) {
   const int64_t n = work.chunks();
-  const bool parallel = num_threads > 1 && work.total() >= kParallelThreshold && n > 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (parallel)
-  for (int64_t c = 0; c < n; ++c) fn(c);
+  if (num_threads <= 1 || work.total() < kParallelThreshold || n <= 1) {
+    for (int64_t c = 0; c < n; ++c) fn(c);
+    return;
+  }
+  run_chunks(n, num_threads, [](void* f, int64_t c) noexcept { (*static_cast<Fn*>(f))(c); }, &fn);
 }
 
 }  // namespace fusedopt::cpu
