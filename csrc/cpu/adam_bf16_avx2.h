@@ -115,6 +115,18 @@ RandomHalves random_bits(__m256i key, __m256i index, __m256i hi_term) {
   return {_mm256_and_si256(_mm256_xor_si256(x, high), splat(0xFFFFu)), high};
 }
 
+// Software prefetch this many elements ahead on every stream. The loop keeps 4 to 6 streams
+// going at once and, at the sizes where memory matters, spends long enough on each block that
+// the hardware prefetchers alone leave it waiting (measured one thread on a 41.7M-element
+// step: ~1.3x the generic loop's speed without, ~1.7x with; 512 to 2048 elements ahead do
+// the same). A prefetch never faults, so one past the end of a buffer is harmless.
+constexpr int64_t kPrefetchAhead = 1024;
+template <typename T>
+void prefetch_ahead(const T* stream, int64_t i) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(stream) + uintptr_t(i + kPrefetchAhead) * sizeof(T);
+  _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+}
+
 // Adam::Scalars<float> broadcast to 8 lanes.
 struct VectorScalars {
   __m256 grad_factor, coupled_wd, decay_factor, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps;
@@ -178,6 +190,13 @@ int64_t run_blocks(bf16_t* __restrict__ param, const bf16_t* __restrict__ grad, 
   for (int h = 0; h < 2; ++h) index[h] = _mm256_add_epi32(splat(uint32_t(keys.offset)), Layout::lane_index(h));
   const int64_t blocks_end = n / kBlock * kBlock;
   for (int64_t i = 0; i < blocks_end; i += kBlock) {
+    prefetch_ahead(param, i);
+    prefetch_ahead(grad, i);
+    prefetch_ahead(state0, i);
+    prefetch_ahead(state1, i);
+    if constexpr (AMSGRAD) prefetch_ahead(state2, i);
+    if constexpr (kKahan) prefetch_ahead(comp, i);
+    if constexpr (kMaster) prefetch_ahead(master, i);
     // Each half's results: bf16 ones rounded (high halves of the lanes), fp32 ones as they are;
     // nothing is stored until the block is known to be free of NaN.
     __m256i p_high[2], comp_high[2], m_high[2], v_high[2], vmax_high[2];
