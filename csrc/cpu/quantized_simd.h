@@ -213,20 +213,25 @@ class RegisterCodec {
                 const RoundingKeys& keys) const {
     const RegisterMapTables& t = tables_[k != 0];
     if (t.decades_valid && t.mirror != 0)
-      return quantize_with<PREC>(DecadeSearch<true>(t, maps, k), t, k, v, inv, c, n, keys);
-    if (t.decades_valid) return quantize_with<PREC>(DecadeSearch<false>(t, maps, k), t, k, v, inv, c, n, keys);
-    return quantize_with<PREC>(Search(t), t, k, v, inv, c, n, keys);
+      return quantize_with<PREC>(DecadeSearch<true>(t), t, maps, k, v, inv, c, n, keys);
+    if (t.decades_valid) return quantize_with<PREC>(DecadeSearch<false>(t), t, maps, k, v, inv, c, n, keys);
+    return quantize_with<PREC>(Search(t), t, maps, k, v, inv, c, n, keys);
   }
 
  private:
   template <Precision PREC, typename Searcher>
-  static void quantize_with(const Searcher& search, const RegisterMapTables& t, int k, const float* __restrict__ v,
-                            float inv, uint8_t* __restrict__ c, int n, const RoundingKeys& keys) {
+  static void quantize_with(const Searcher& search, const RegisterMapTables& t, const float* maps, int k,
+                            const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
+                            const RoundingKeys& keys) {
     const __m512 scale = _mm512_set1_ps(inv);
+    // Lanes the search is unsure of, per vector: redone by quantize_code after the loop, so the
+    // rare branch to them sits outside the vector loop's long dependency chains.
+    uint16_t unsure[kQuantBlock / 16];
+    unsigned any_unsure = 0;
+    alignas(64) uint32_t random[kQuantBlock];
     if constexpr (PREC == Precision::kStochastic) {
       // The random bits of the block first (element.h: element_random; vectorized by the
       // compiler): state 0 a >> 16, state 1 b, state 2 b >> 16.
-      alignas(64) uint32_t random[kQuantBlock];
       const uint32_t key = k == 0 ? keys.a : keys.b;
       const uint32_t shift = k == 1 ? 0 : 16;
 #pragma omp simd
@@ -236,15 +241,33 @@ class RegisterCodec {
         const __mmask16 lanes = tail_mask(n - i);
         const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
         const __m512i r = _mm512_maskz_loadu_epi32(lanes, random + i);
-        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, stochastic(map, x, search.nearest(x), r));
+        __mmask16 u;
+        const __m512i nearest = search.nearest(x, u);
+        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, stochastic(map, x, nearest, r));
+        unsure[i / 16] = uint16_t(u & lanes);
+        any_unsure |= unsure[i / 16];
       }
     } else {
       for (int i = 0; i < n; i += 16) {
         const __mmask16 lanes = tail_mask(n - i);
         const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
-        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, search.nearest(x));
+        __mmask16 u;
+        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, search.nearest(x, u));
+        unsure[i / 16] = uint16_t(u & lanes);
+        any_unsure |= unsure[i / 16];
       }
     }
+    if (any_unsure == 0) return;
+    const float* map = quant_map(maps, k);
+    const int32_t* base = quant_base(maps, k);
+    const float* threshold = quant_threshold(maps, k);
+    for (int j = 0; j < (n + 15) / 16; ++j)
+      for (unsigned m = unsure[j]; m != 0; m &= m - 1) {
+        const int i = 16 * j + __builtin_ctz(m);
+        const float x = v[i] * inv;
+        c[i] = uint8_t(PREC == Precision::kStochastic ? quantize_code<true>(map, base, threshold, x, random[i])
+                                                      : quantize_code<false>(map, base, threshold, x, 0u));
+      }
   }
 
   static __mmask16 tail_mask(int left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
@@ -286,7 +309,8 @@ class RegisterCodec {
       for (int j = 0; j < 8; ++j) l7[j] = _mm512_load_ps(t.search[7] + 16 * j);
     }
 
-    __m512i nearest(__m512 x) const {
+    __m512i nearest(__m512 x, __mmask16& unsure) const {
+      unsure = 0;
       // "Not x <= m" is x > m, and true for NaN: NaN climbs to 255 (fixed below for -NaN).
       constexpr int kAbove = _CMP_NLE_UQ;
       // Levels 0 and 1: one and two candidates.
@@ -332,16 +356,14 @@ class RegisterCodec {
   // one compare against the region boundary inside it give x's region, the region's line gives
   // t, and the code is the region's first + clamp(floor(t), 0, last) (RegisterMapTables::
   // build_decades); a negative x mirrors. Lanes where that could be off by one (t within
-  // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) take quantize_code.
+  // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) come back in `unsure`,
+  // for quantize_code.
   template <bool MIRRORED>
   struct DecadeSearch {
     __m512 bound_lo, bound_hi, slope, offset;
     __m512i region_lo, region_hi, first, last, mirror;
-    const float* map;
-    const int32_t* base;
-    const float* threshold;
 
-    DecadeSearch(const RegisterMapTables& t, const float* maps, int k)
+    explicit DecadeSearch(const RegisterMapTables& t)
         : bound_lo(_mm512_loadu_ps(t.binade_bound)),
           bound_hi(_mm512_loadu_ps(t.binade_bound + 16)),
           slope(_mm512_loadu_ps(t.region_slope)),
@@ -350,12 +372,9 @@ class RegisterCodec {
           region_hi(_mm512_loadu_si512(t.binade_region + 16)),
           first(_mm512_loadu_si512(t.region_first)),
           last(_mm512_loadu_si512(t.region_last)),
-          mirror(_mm512_set1_epi32(t.mirror)),
-          map(quant_map(maps, k)),
-          base(quant_base(maps, k)),
-          threshold(quant_threshold(maps, k)) {}
+          mirror(_mm512_set1_epi32(t.mirror)) {}
 
-    __m512i nearest(__m512 x) const {
+    __m512i nearest(__m512 x, __mmask16& unsure) const {
       const __m512i magnitude_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
       const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
       // The binade: the exponent field less kBucketMinExponent, clamped to [0, 31] (a saturating
@@ -370,7 +389,7 @@ class RegisterCodec {
       const __m512 t = _mm512_sub_ps(_mm512_mul_ps(magnitude, _mm512_permutexvar_ps(region, slope)),
                                      _mm512_permutexvar_ps(region, offset));
       // t - round(t) within kTieBand of 0, or NaN: not |t - round(t)| >= kTieBand.
-      __mmask16 unsure = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)),
+      unsure = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)),
                                             _mm512_set1_ps(RegisterMapTables::kTieBand), _CMP_NGE_UQ);
       // floor(t) >= 0: t >= t(lower boundary) >= 0 (build_decades checks the latter).
       const __m512i inner = _mm512_min_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
@@ -385,20 +404,7 @@ class RegisterCodec {
       } else {
         code = _mm512_maskz_mov_epi32(_knot_mask16(negative), code);  // every midpoint is > 0
       }
-      if (unsure != 0) code = exact_lanes(x, code, unsure);
       return code;
-    }
-
-    __m512i exact_lanes(__m512 x, __m512i code, __mmask16 lanes) const {
-      alignas(64) float xs[16];
-      alignas(64) int32_t cs[16];
-      _mm512_store_ps(xs, x);
-      _mm512_store_si512(cs, code);
-      for (unsigned m = lanes; m != 0; m &= m - 1) {
-        const int l = __builtin_ctz(m);
-        cs[l] = quantize_code<false>(map, base, threshold, xs[l], 0u);
-      }
-      return _mm512_load_si512(cs);
     }
   };
 
