@@ -170,3 +170,18 @@ def test_stochastic_reference_draws_both_neighbours():
     sr = ref_stochastic(values, qmap, 0)[inside]
     nearest = ref_nearest(values, qmap)[inside]
     assert 0.2 < np.mean(sr != nearest) < 0.8
+
+
+def test_codec_hooks_refuse_bad_arguments():
+    import torch
+
+    from fusedopt import _C
+
+    maps = Q.maps(torch.device("cpu")).data_ptr()
+    values = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="state"):
+        _C.quantize_codes(maps, values, 3)
+    with pytest.raises(ValueError, match="maps"):
+        _C.quantize_codes(0, values, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        _C.dequantize_codes(maps, np.zeros((2, 2), dtype=np.uint8), 0)
