@@ -47,7 +47,8 @@ def f32(bits) -> np.ndarray:
 
 
 def probe_values() -> np.ndarray:
-    """Every map value and midpoint of both maps with their float32 neighbours, signed zeros,
+    """Every map value and midpoint of both maps with their float32 neighbours (for midpoints
+    up to 128 steps away), signed zeros,
     values below 2^-24 (denormals included), +-1 and beyond, infinities, NaNs of both signs,
     then uniform values in [-1, 1], log-spaced magnitudes and random bit patterns. An odd
     length, so the last block and the last vector are partial."""
@@ -57,6 +58,11 @@ def probe_values() -> np.ndarray:
         mids = ((m[:-1].astype(np.float64) + m[1:]) / 2).astype(np.float32)
         for v in (m, mids, -m, -mids):
             parts += [v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))]
+        # 1..128 float32 steps either side of every midpoint: across the band around each one
+        # where the AVX-512 build's decade search hands the lane to the exact path.
+        steps = np.arange(1, 129, dtype=np.int64)
+        bits = np.concatenate([mids, -mids]).view(np.uint32).astype(np.int64)[:, None]
+        parts.append(np.concatenate([bits + steps, bits - steps]).reshape(-1).astype(np.uint32).view(np.float32))
     special = [0.0, -0.0, 1e-30, -1e-30, 2.0**-25, -(2.0**-25), 2.0**-24, -(2.0**-24), 1.0, -1.0, 2.0, -2.0, 3e38,
                -3e38, np.inf, -np.inf]
     parts.append(np.array(special, dtype=np.float32))
@@ -164,3 +170,18 @@ def test_stochastic_reference_draws_both_neighbours():
     sr = ref_stochastic(values, qmap, 0)[inside]
     nearest = ref_nearest(values, qmap)[inside]
     assert 0.2 < np.mean(sr != nearest) < 0.8
+
+
+def test_codec_hooks_refuse_bad_arguments():
+    import torch
+
+    from fusedopt import _C
+
+    maps = Q.maps(torch.device("cpu")).data_ptr()
+    values = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="state"):
+        _C.quantize_codes(maps, values, 3)
+    with pytest.raises(ValueError, match="maps"):
+        _C.quantize_codes(0, values, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        _C.dequantize_codes(maps, np.zeros((2, 2), dtype=np.uint8), 0)
