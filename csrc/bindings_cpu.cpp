@@ -1,7 +1,6 @@
 // Python bindings of the CPU kernels (module fusedopt._C). Takes the tables as NumPy
 // arrays and device scalars as raw addresses; the only file of the CPU build that sees
 // pybind11.
-#include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -194,7 +193,6 @@ PYBIND11_MODULE(_C, m) {
         "dst[t][:nbytes[t]] = src[t][:nbytes[t]] over non-overlapping byte ranges, streaming stores where the "
         "instruction set has them.");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
-  m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   m.def("pool_workers", &pool_workers, "Worker threads the CPU kernels' pool has started in this process.");
   m.attr("table_columns") = int(kNumTableColumns);
   m.attr("group_fields") = int(kNumGroupFields);
