@@ -83,7 +83,8 @@ class Pool {
   // part of the new description then (after its acquire fence) sees that word, so a worker of
   // the previous generation never claims a chunk with a half-new description.
   uint64_t publish(int64_t n_chunks, int helpers, ChunkFn fn, void* context) {
-    const uint64_t generation = (generation_of(claim_.load(std::memory_order_relaxed)) + 1) & kIndexMask;
+    uint64_t generation = (generation_of(claim_.load(std::memory_order_relaxed)) + 1) & kIndexMask;
+    if (generation == 0) generation = 1;  // (after 2**32 jobs: 0 is what a fresh worker has seen)
     claim_.store(generation << kIndexBits | kIndexMask, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_release);
     fn_.store(fn, std::memory_order_relaxed);
