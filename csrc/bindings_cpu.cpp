@@ -1,7 +1,6 @@
 // Python bindings of the CPU kernels (module fusedopt._C). Takes the tables as NumPy
 // arrays and device scalars as raw addresses; the only file of the CPU build that sees
 // pybind11.
-#include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -217,6 +216,23 @@ int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Arra
   return -1;
 }
 
+// True when two sequences hold the same objects in the same order. Compares identities only,
+// so it touches no item: how a cached plan checks, every step, that no group's params list
+// had an item replaced, added or removed.
+bool same_items(const py::handle& a, const py::handle& b) {
+  py::object fa = py::reinterpret_steal<py::object>(PySequence_Fast(a.ptr(), "fusedopt: same_items needs two sequences"));
+  if (!fa) throw py::error_already_set();
+  py::object fb = py::reinterpret_steal<py::object>(PySequence_Fast(b.ptr(), "fusedopt: same_items needs two sequences"));
+  if (!fb) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fa.ptr());
+  if (PySequence_Fast_GET_SIZE(fb.ptr()) != n) return false;
+  PyObject** ia = PySequence_Fast_ITEMS(fa.ptr());
+  PyObject** ib = PySequence_Fast_ITEMS(fb.ptr());
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (ia[i] != ib[i]) return false;
+  return true;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -229,6 +245,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad"), py::arg("dtype"));
   m.def("refresh_grads", &refresh_grads, py::arg("params"), py::arg("dtype"), py::arg("table"),
         "Refreshes the grad column of a cached pointer table; -1 if valid, else the first stale row.");
+  m.def("same_items", &same_items, py::arg("a"), py::arg("b"),
+        "Whether two sequences hold the same objects (by identity) in the same order.");
   m.def("average", &average, py::arg("avgs"), py::arg("srcs"), py::arg("numels"), py::arg("src_dtype"),
         py::arg("weight"), py::arg("num_threads") = 1,
         "avg += weight * (src - avg) over fp32 averages of float32/bfloat16/float16 sources.");
@@ -244,7 +262,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_codes", &dequantize_codes, py::arg("maps"), py::arg("codes"), py::arg("state"),
         py::arg("scale") = 1.0f, "map[code] * scale by the kernels' codec (maps: address of the qmaps buffer).");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
-  m.def("omp_max_threads", [] { return omp_get_max_threads(); });
   m.def("pool_workers", &pool_workers, "Worker threads the CPU kernels' pool has started in this process.");
   m.attr("table_columns") = int(kNumTableColumns);
   m.attr("group_fields") = int(kNumGroupFields);

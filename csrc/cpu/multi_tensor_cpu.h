@@ -1,5 +1,5 @@
-// The CPU multi-tensor driver: one parallel region per bucket over equal chunks of all its
-// tensors' elements, so 2,000 small tensors cost one region instead of 2,000, and one huge
+// The CPU multi-tensor driver: one parallel job per bucket over equal chunks of all its
+// tensors' elements, so 2,000 small tensors cost one job instead of 2,000, and one huge
 // tensor is still split across all threads.
 #pragma once
 #include <algorithm>
@@ -12,7 +12,7 @@ namespace fusedopt::cpu {
 // Large enough to amortize the per-chunk dispatch, small enough that a 41M-param bucket
 // splits into thousands of chunks for load balance.
 constexpr int64_t kChunkElements = 1 << 15;
-// Below this many elements a parallel region costs more than it saves.
+// Below this many elements a parallel job costs more than it saves.
 constexpr int64_t kParallelThreshold = 1 << 15;
 
 // The tensors of a call laid end to end in one flat element space, cut into chunks of

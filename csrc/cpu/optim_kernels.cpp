@@ -384,7 +384,7 @@ void copy_piece(char* __restrict__ dst, const char* __restrict__ src, int64_t n)
 #endif
   }
   std::memcpy(dst + i, src + i, size_t(n - i));
-  _mm_sfence();  // streaming stores are weakly ordered: complete them before the region's barrier
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before the chunk counts as done
 #else
   std::memcpy(dst, src, size_t(n));
 #endif

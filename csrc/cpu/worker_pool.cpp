@@ -10,7 +10,6 @@
 #include "worker_pool.h"
 
 #include <pthread.h>
-#include <sched.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -26,14 +25,12 @@ namespace {
 constexpr int kIndexBits = 32;
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 constexpr int kMaxWorkers = 255;
-// How long an idle worker keeps polling for the next job before it sleeps (in pause
-// instructions, tens of ns each): long enough to catch the kernel calls of one step back to
-// back (clip norm, then the update), short enough that a worker does not take the CPU from
-// torch's forward and backward between steps.
-constexpr int kIdleSpins = 2000;
-// How long the caller polls for chunks still running on workers before it yields its CPU
-// (to a descheduled worker, on a busy machine).
-constexpr int kJoinSpins = 200;
+// How long an idle worker polls for the next job before it sleeps, and how long the caller
+// polls for chunks still running on workers before it sleeps, in pause instructions (tens of
+// ns each): a few microseconds. Longer polling took the CPU from the very thread it waited
+// for whenever both shared one core of a busy machine, and from torch between steps.
+constexpr int kIdleSpins = 100;
+constexpr int kJoinSpins = 100;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -64,10 +61,15 @@ class Pool {
       ++mine;
     }
     // Every chunk is claimed; wait only for those that workers are running now.
-    for (int spins = 0; done_.load(std::memory_order_acquire) != n_chunks - mine; ++spins) {
-      if (spins < kJoinSpins) cpu_relax();
-      else sched_yield();
+    const int64_t theirs = n_chunks - mine;
+    for (int spins = 0; spins < kJoinSpins; ++spins) {
+      if (done_.load(std::memory_order_acquire) == theirs) return;
+      cpu_relax();
     }
+    std::unique_lock<std::mutex> lock(join_mutex_);
+    joining_.store(true, std::memory_order_seq_cst);
+    while (done_.load(std::memory_order_seq_cst) != theirs) joined_.wait(lock);
+    joining_.store(false, std::memory_order_relaxed);
   }
 
   int workers() {
@@ -81,7 +83,8 @@ class Pool {
   // part of the new description then (after its acquire fence) sees that word, so a worker of
   // the previous generation never claims a chunk with a half-new description.
   uint64_t publish(int64_t n_chunks, int helpers, ChunkFn fn, void* context) {
-    const uint64_t generation = (generation_of(claim_.load(std::memory_order_relaxed)) + 1) & kIndexMask;
+    uint64_t generation = (generation_of(claim_.load(std::memory_order_relaxed)) + 1) & kIndexMask;
+    if (generation == 0) generation = 1;  // (after 2**32 jobs: 0 is what a fresh worker has seen)
     claim_.store(generation << kIndexBits | kIndexMask, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_release);
     fn_.store(fn, std::memory_order_relaxed);
@@ -139,7 +142,13 @@ class Pool {
       int64_t c;
       while (claim(generation, n_chunks, &c)) {
         fn(context, c);
-        done_.fetch_add(1, std::memory_order_release);
+        done_.fetch_add(1, std::memory_order_seq_cst);
+        if (joining_.load(std::memory_order_seq_cst)) {
+          // The caller sleeps until the chunks it waits for are done (it checks `done_` under
+          // the mutex after raising the flag, so this wakes it or it saw the count).
+          { std::lock_guard<std::mutex> lock(join_mutex_); }
+          joined_.notify_one();
+        }
       }
     }
   }
@@ -170,6 +179,9 @@ class Pool {
   std::atomic<int> sleepers_{0};
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
+  std::atomic<bool> joining_{false};  // the caller sleeps on `joined_` until `done_` is its count
+  std::mutex join_mutex_;
+  std::condition_variable joined_;
   std::mutex job_mutex_;  // held by the caller of the job in flight; guards workers_
   int workers_ = 0;
 };

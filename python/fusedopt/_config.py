@@ -13,8 +13,7 @@ def config() -> dict:
         "torch": torch.__version__,
         "backends": ["cpu"],
         "cpu_isa": B._C.isa(),
-        "openmp_threads": B._C.omp_max_threads(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),  # the CPU kernels' threads too (caller + pool)
         "cuda_archs": None,
     }
     if B.cuda_built():
@@ -31,7 +30,7 @@ def config() -> dict:
 
 
 def show_config() -> None:
-    """Prints version, backends built, SIMD level, OpenMP threads and CUDA archs; with the
+    """Prints version, backends built, SIMD level, threads and CUDA archs; with the
     CUDA module, also its runtime and the driver's CUDA version, and why that driver cannot
     run it when it is too old."""
     for key, value in config().items():

@@ -498,7 +498,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for b in buckets.values():
             b.freeze()
         return Plan(self._gen.value, self.state, [self._structure(g) for g in self.param_groups],
-                    [g["params"] for g in self.param_groups], [len(g["params"]) for g in self.param_groups],
+                    [g["params"] for g in self.param_groups], [tuple(g["params"]) for g in self.param_groups],
                     list(buckets.values()), without_grad, reusable, mesh=mesh)
 
     def _current_plan(self) -> Plan:

@@ -4,8 +4,10 @@ per tensor, one kernel call per bucket.
 A plan is built (with full validation and lazy state creation) when anything it depends on
 changed, and reused otherwise. Reuse is safe because the plan holds a reference to every
 tensor whose address it stores (so no address can be recycled while the plan lives), and
-each step re-checks in C (`_C.refresh_grads`) that every param still has the address the
-plan recorded and reads the fresh grad addresses, dtypes, sizes and contiguity.
+each step re-checks in C that every group still holds the same params (`_C.same_items`, by
+identity: an item replaced in a list is caught), that every param still has the address the
+plan recorded, and reads the fresh grad addresses, dtypes, sizes and contiguity
+(`_C.refresh_grads`). tests/test_plan_reuse.py makes each change this proof must catch.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ class Plan:
     state: object               # the optimizer.state object it was built from
     structures: list            # per group, what shapes the plan (FusedOptimizer._structure)
     group_lists: list           # the groups' `params` lists, by identity
-    group_lengths: list
+    group_items: list           # per group, a tuple of its params when built (checked by identity)
     buckets: list
     without_grad: list          # params that had no grad when the plan was built
     reusable: bool              # False: rebuild next step (staged or non-contiguous params)
@@ -95,8 +97,9 @@ class Plan:
         groups = optimizer.param_groups
         if len(groups) != len(self.group_lists):
             return False
-        for g, lst, n, structure in zip(groups, self.group_lists, self.group_lengths, self.structures):
-            if g["params"] is not lst or len(lst) != n or optimizer._structure(g) != structure:
+        for g, lst, items, structure in zip(groups, self.group_lists, self.group_items, self.structures):
+            # (an item replaced in place keeps the list and its length: compare every item, in C)
+            if g["params"] is not lst or not B._C.same_items(lst, items) or optimizer._structure(g) != structure:
                 return False
         # A param that gained a grad must join a bucket.
         for p in self.without_grad:
