@@ -263,6 +263,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale") = 1.0f, "map[code] * scale by the kernels' codec (maps: address of the qmaps buffer).");
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");
   m.def("pool_workers", &pool_workers, "Worker threads the CPU kernels' pool has started in this process.");
+  m.def("use_pool", &use_pool, "Whether the CPU kernels run on fusedopt's worker pool (else torch's OpenMP team).");
+  m.def("set_use_pool", &set_use_pool, py::arg("on"),
+        "Run the CPU kernels on fusedopt's worker pool (True) or torch's OpenMP team (False, the default; "
+        "FUSEDOPT_CPU_POOL=1 in the environment turns the pool on).");
   m.attr("table_columns") = int(kNumTableColumns);
   m.attr("group_fields") = int(kNumGroupFields);
   m.attr("num_algorithms") = int(kNumAlgorithms);

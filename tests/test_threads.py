@@ -31,9 +31,31 @@ THREADS = (1, 2, 3)
 
 @pytest.fixture
 def restore_threads():
-    old = torch.get_num_threads()
+    """The thread count as it was, and the pool switched on for the test (the kernels' default
+    is torch's OpenMP team: worker_pool.h, use_pool)."""
+    old, old_pool = torch.get_num_threads(), B._C.use_pool()
+    B._C.set_use_pool(True)
     yield
+    B._C.set_use_pool(old_pool)
     torch.set_num_threads(old)
+
+
+def test_openmp_team_is_the_default_and_gives_the_pool_bits(restore_threads):
+    """Without FUSEDOPT_CPU_POOL=1 the kernels run on torch's OpenMP team; both give the bits
+    of one thread."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_CPU_POOL"}
+    probe = "from fusedopt import _backend as B; print(B._C.use_pool())"
+    for value, expected in ((None, "False"), ("1", "True")):
+        if value is not None:
+            env["FUSEDOPT_CPU_POOL"] = value
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
+    one, _ = _adamw_run(1, 3, max_grad_norm=1.0, track_stats=True)
+    for pool in (False, True):
+        B._C.set_use_pool(pool)
+        two, _ = _adamw_run(2, 3, max_grad_norm=1.0, track_stats=True)
+        _assert_bits_equal(one, two, f"2 threads, pool={pool}")
 
 
 def _tensors(seed: int, shapes=SHAPES, scale: float = 1.0) -> list[torch.Tensor]:

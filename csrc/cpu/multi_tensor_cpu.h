@@ -7,7 +7,10 @@
 #include "../fusedopt/common.h"
 #include "worker_pool.h"
 
-namespace fusedopt::cpu {
+// In the instruction-set build's own namespace: these inline functions are compiled once per
+// build with its flags, and same-named copies would be merged by the linker (one build could
+// then run another's code).
+namespace fusedopt::cpu::FUSEDOPT_ISA {
 
 // Large enough to amortize the per-chunk dispatch, small enough that a 41M-param bucket
 // splits into thousands of chunks for load balance.
@@ -57,7 +60,15 @@ void parallel_for_chunks(const WorkList& work, int num_threads, Fn fn) {
     for (int64_t c = 0; c < n; ++c) fn(c);
     return;
   }
-  run_chunks(n, num_threads, [](void* f, int64_t c) noexcept { (*static_cast<Fn*>(f))(c); }, &fn);
+  if (use_pool()) {
+    run_chunks(n, num_threads, [](void* f, int64_t c) noexcept { (*static_cast<Fn*>(f))(c); }, &fn);
+    return;
+  }
+  // torch's OpenMP team (the default: worker_pool.h, use_pool). Chunks are handed out
+  // dynamically, so a thread the OS delays does not hold up the others' chunks, but the
+  // region's end still waits for it.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t c = 0; c < n; ++c) fn(c);
 }
 
-}  // namespace fusedopt::cpu
+}  // namespace fusedopt::cpu::FUSEDOPT_ISA

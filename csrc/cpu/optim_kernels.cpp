@@ -113,8 +113,11 @@ struct PieceStats {
 // piece's sums are added in double to the chunk's slot for the tensor's group. The bodies
 // index arrays that start at the piece (see at()), so i is a small int: stochastic
 // rounding's index arithmetic then vectorizes on 32-bit lanes (precision.h, random_bits).
+// Always inlined into the piece's caller: as a function of its own (which GCC chose for some
+// instantiations once the chunks ran on the worker pool) the telemetry loop's reduction ran
+// scalar, 2.2x slower.
 template <typename Body>
-void run_piece(int64_t n, double* slot, Body body) {
+__attribute__((always_inline)) inline void run_piece(int64_t n, double* slot, Body body) {
   const int count = int(n);
   if (slot == nullptr) {
     // Elements are independent (params, grads and states never alias): vectorize without the
@@ -310,6 +313,29 @@ double sum_squares_typed(const ReduceCall& call) {
     work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
       const T* __restrict__ x = reinterpret_cast<const T*>(call.ptrs[t]);
       int64_t i = begin;
+#if defined(__AVX512F__) || defined(__AVX2__)
+      if constexpr (std::is_same_v<T, float>) {
+        // The same eight accumulators, lane k = acc[k], in registers (GCC leaves the loop below
+        // scalar for float: ~7 GB/s a thread). Same order of additions, so the same bits.
+#if defined(__AVX512F__)
+        __m512d a = _mm512_loadu_pd(acc);
+        for (; i + 8 <= end; i += 8) {
+          const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+          a = _mm512_add_pd(a, _mm512_mul_pd(v, v));
+        }
+        _mm512_storeu_pd(acc, a);
+#else
+        __m256d lo = _mm256_loadu_pd(acc), hi = _mm256_loadu_pd(acc + 4);
+        for (; i + 8 <= end; i += 8) {
+          const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
+          lo = _mm256_add_pd(lo, _mm256_mul_pd(v0, v0));
+          hi = _mm256_add_pd(hi, _mm256_mul_pd(v1, v1));
+        }
+        _mm256_storeu_pd(acc, lo);
+        _mm256_storeu_pd(acc + 4, hi);
+#endif
+      }
+#endif
       for (; i + 8 <= end; i += 8)
         for (int k = 0; k < 8; ++k) {
           double v = load_float(x[i + k]);

@@ -10,7 +10,8 @@
 #include "../fusedopt/element.h"
 #include "multi_tensor_cpu.h"
 
-namespace fusedopt::cpu {
+// (In the build's own namespace: see multi_tensor_cpu.h.)
+namespace fusedopt::cpu::FUSEDOPT_ISA {
 
 // Whether any row of the table has a one-step input (the loops skip all of this otherwise).
 inline bool has_step_inputs(const int64_t* table, int64_t n_tensors) {
@@ -59,4 +60,4 @@ struct StepInputs {
   }
 };
 
-}  // namespace fusedopt::cpu
+}  // namespace fusedopt::cpu::FUSEDOPT_ISA

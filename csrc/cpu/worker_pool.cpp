@@ -12,6 +12,8 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -213,6 +215,16 @@ void run_chunks(int64_t n_chunks, int num_threads, ChunkFn fn, void* context) {
   }
   pool().run(n_chunks, num_threads, fn, context);
 }
+
+namespace {
+std::atomic<bool> g_use_pool{[] {
+  const char* v = std::getenv("FUSEDOPT_CPU_POOL");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}()};
+}  // namespace
+
+bool use_pool() { return g_use_pool.load(std::memory_order_relaxed); }
+void set_use_pool(bool on) { g_use_pool.store(on, std::memory_order_relaxed); }
 
 int pool_workers() {
   Pool* p = g_pool.load(std::memory_order_acquire);

@@ -22,4 +22,14 @@ void run_chunks(int64_t n_chunks, int num_threads, ChunkFn fn, void* context);
 // Workers this process has started so far (a forked child starts again from 0).
 int pool_workers();
 
+// Whether the kernels run their chunks on this pool (true) or on torch's OpenMP team (false,
+// the default; multi_tensor_cpu.h). The pool never waits for a descheduled thread, which pays
+// on a machine shared with other processes; but right after torch's own parallel work (the
+// backward pass) torch's OpenMP threads still spin for a while, and a pool thread then
+// competes with them for the cores (measured ~5% slower steps on 2 vCPUs with torch's default
+// OMP_WAIT_POLICY), while the OpenMP team is those very threads. FUSEDOPT_CPU_POOL=1 in the
+// environment, or set_use_pool(true), turns the pool on.
+bool use_pool();
+void set_use_pool(bool on);
+
 }  // namespace fusedopt::cpu

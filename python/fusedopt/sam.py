@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import _backend as B
@@ -166,12 +167,22 @@ class SAM(torch.optim.Optimizer):
         # |p| * g of adaptive buckets, kept for the perturbation below.
         abs_params = [torch._foreach_abs(b.params) if b.adaptive else None for b in buckets]
         weighted = [torch._foreach_mul(a, b.grads) if b.adaptive else b.grads for a, b in zip(abs_params, buckets)]
-        per_bucket = []
+        # Sums of squares per bucket, in float64: dense CPU grads (not ASAM's |p| * g) by one
+        # multi-threaded pass of the CPU kernels (torch's CPU _foreach_norm reads at a fraction
+        # of the bandwidth), the rest by torch's norms.
+        sums = []
         for b, vectors in zip(buckets, weighted):
+            if not b.adaptive and _fused_perturb(b):
+                ptrs = np.asarray([g.data_ptr() for g in b.grads], np.int64)
+                numels = np.asarray([g.numel() for g in b.grads], np.int64)
+                code = B.TORCH_DTYPE_CODES[b.params[0].dtype]
+                sums.append(torch.tensor(B._C.sum_squares(ptrs, numels, code, B.num_threads()), dtype=torch.float64))
+                continue
             low = b.params[0].dtype in (torch.float16, torch.bfloat16)
-            norms = torch._foreach_norm(vectors, 2, dtype=torch.float32 if low else None)
-            per_bucket.append(torch.stack(norms).to(device=device, dtype=norm_dtype))
-        grad_norm = torch.linalg.vector_norm(per_bucket[0] if len(per_bucket) == 1 else torch.cat(per_bucket))
+            norms = torch.stack(torch._foreach_norm(vectors, 2, dtype=torch.float32 if low else None))
+            sums.append(norms.to(device=device, dtype=torch.float64).square().sum())
+        total = sums[0] if len(sums) == 1 else torch.stack([x.to(device) for x in sums]).sum()
+        grad_norm = total.to(device).sqrt().to(norm_dtype)
         self.grad_norm = grad_norm
 
         for b, absp, wg in zip(buckets, abs_params, weighted):
