@@ -234,3 +234,118 @@ def test_foreign_and_mismatched_pairs_are_returned():
              (params[1].detach(), torch.zeros(SHAPES[1], dtype=torch.float64))]
     assert opt._defer_copies(pairs) == pairs
     assert not opt._step_inputs
+
+
+# ---- saves (a LossAdaptiveLR snapshot taken by the next step) ---------------------------------
+def _moment_buffers(opt, params):
+    """The live tensors a snapshot may hand to the step: moments and master/Kahan buffers."""
+    keys = ("exp_avg", "exp_avg_sq", "master_param", "kahan_comp")
+    return [opt.state[p][k] for p in params for k in keys if k in opt.state[p]]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_saved_state_taken_by_the_step_equals_copies(config, monkeypatch):
+    """The step saves each buffer's value from before its update into the snapshot buffer;
+    params and state after the step, and the saved values, equal a copy made before a plain
+    step."""
+    dtype, kwargs = CONFIGS[config]
+    runs = []
+    for deferred in (True, False):
+        params, opt = _make(dtype, kwargs)
+        _train(params, opt, 2, seed=10)
+        live = [t for _, _, t in _state_tensors(opt, params)]
+        expected = [t.clone() for t in live]
+        snapshot = [torch.full_like(t, 7) for t in live]  # stale contents the saves must replace
+        calls = []
+        real = _multi_tensor.copy_
+        monkeypatch.setattr(_multi_tensor, "copy_", lambda d, s: (calls.append(list(d)), real(d, s)))
+        pairs = list(zip(snapshot, live))
+        rest = opt._defer_saves(pairs) if deferred else pairs
+        if rest:
+            real([d for d, _ in rest], [s for _, s in rest])
+        _set_grads(params, 99)
+        opt.step()
+        monkeypatch.setattr(_multi_tensor, "copy_", real)
+        for buf, want in zip(snapshot, expected):
+            assert torch.equal(buf, want)
+        if deferred:
+            taken = {d.data_ptr() for d, _ in pairs} - {d.data_ptr() for d, _ in rest}
+            copied = {t.data_ptr() for c in calls for t in c}
+            assert not (taken & copied), "a save handed to the step was copied anyway"
+            live_taken = {s.data_ptr() for d, s in pairs if d.data_ptr() in taken}
+            wanted = {t.data_ptr() for t in _moment_buffers(opt, params) if t.dtype != torch.uint8}
+            assert live_taken == wanted  # every full-precision moment / master / Kahan buffer, nothing else
+        runs.append((params, opt))
+    _assert_same(*runs[0], *runs[1])
+
+
+def test_save_after_a_pending_restore_saves_the_restored_values():
+    """restore, then snapshot, then step: the step restores first, then saves what it restored."""
+    params, opt = _make(torch.float32, {})
+    _train(params, opt, 2, seed=1)
+    live = _moment_buffers(opt, params)
+    old = [t.clone() for t in live]
+    _train(params, opt, 1, seed=2)
+    assert opt._defer_copies(list(zip(live, old)), params=False) == []
+    snapshot = [torch.zeros_like(t) for t in live]
+    assert opt._defer_saves(list(zip(snapshot, live))) == []
+    _set_grads(params, 3)
+    opt.step()
+    for buf, want in zip(snapshot, old):
+        assert torch.equal(buf, want)
+
+
+def test_restore_after_a_pending_save_does_the_save_first():
+    """snapshot, then restore (no step between): the snapshot holds the values before the
+    restore."""
+    params, opt = _make(torch.float32, {})
+    _train(params, opt, 2, seed=1)
+    live = _moment_buffers(opt, params)
+    other = [torch.full_like(t, 0.5) for t in live]
+    before = [t.clone() for t in live]
+    snapshot = [torch.zeros_like(t) for t in live]
+    assert opt._defer_saves(list(zip(snapshot, live))) == []
+    opt._defer_copies(list(zip(live, other)), params=False)
+    for buf, want in zip(snapshot, before):
+        assert torch.equal(buf, want)
+    state = opt.state  # does the pending restore
+    assert all(torch.equal(t, o) for t, o in zip(_moment_buffers(opt, params), other)) and state
+
+
+@pytest.mark.parametrize("how", ["read-state", "skipped-step", "failed-step", "no-grad"])
+def test_pending_saves_are_done_by_copy_when_the_step_cannot(how):
+    params, opt = _make(torch.float32, {})
+    _train(params, opt, 2, seed=1)
+    live = _moment_buffers(opt, params)
+    before = [t.clone() for t in live]
+    snapshot = [torch.zeros_like(t) for t in live]
+    assert opt._defer_saves(list(zip(snapshot, live))) == []
+    _set_grads(params, 3)
+    if how == "read-state":
+        opt.state
+        assert not opt._step_inputs
+    elif how == "skipped-step":
+        opt.found_inf = torch.ones(())
+        opt.step()
+        del opt.found_inf
+    elif how == "failed-step":
+        opt.param_groups[0]["lr"] = -1.0
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            opt.step()
+    else:
+        params[1].grad = None  # not stepped: its save is a copy before the kernels
+        opt.step()
+    for buf, want in zip(snapshot, before):
+        assert torch.equal(buf, want)
+
+
+def test_saves_of_foreign_and_mismatched_pairs_are_returned():
+    params, opt = _make(torch.float32, {})
+    _train(params, opt, 1, seed=1)
+    m = opt.state[params[0]]["exp_avg"]
+    pairs = [(torch.zeros(5), torch.ones(5)),                           # not the optimizer's
+             (torch.zeros_like(params[0]).detach(), params[0].detach()),  # a param: copied now
+             (torch.zeros(m.shape).t().contiguous().t(), m),             # other strides
+             (torch.zeros(m.shape, dtype=torch.float64), m)]             # other dtype
+    assert opt._defer_saves(pairs) == pairs
+    assert not opt._step_inputs

@@ -20,6 +20,7 @@
 #include "quantized_simd.h"
 #include "step_call.h"
 #include "step_inputs.h"
+#include "stream_copy.h"
 
 #ifndef FUSEDOPT_ISA
 #error "FUSEDOPT_ISA must name the instruction-set namespace"
@@ -209,14 +210,11 @@ void algorithm_loop(const StepCall& call) {
                                        return A::template scalars<C>(g, lr, step, unscale);
                                      });
   const bool inputs = has_step_inputs(call.table, call.n_tensors);
-  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin,
-                                           int64_t end, double* slot) {
-    if (inputs) StepInputs<P, S, PREC>::restore(row, begin, end);
-    // The hand-vectorized loops read the live grad, so not under a grad mix (rare: SAM's alpha).
-    if (!inputs) begin += hand_vectorized_prefix<A, P, S, PREC, V>(row, plan, begin, end, slot);
+  const auto step_piece = [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin, int64_t end,
+                              double* slot, bool with_inputs) __attribute__((always_inline)) {
     P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
     const P* __restrict__ grad =
-        inputs ? StepInputs<P, S, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
+        with_inputs ? StepInputs<P, S, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
     S* __restrict__ s0 = column_ptr<S>(row, kColState0, begin);
     S* __restrict__ s1 = column_ptr<S>(row, kColState1, begin);
     S* __restrict__ s2 = column_ptr<S>(row, kColState2, begin);
@@ -233,6 +231,22 @@ void algorithm_loop(const StepCall& call) {
         step_element<A, P, S, PREC, V, false>(param, grad, s0, s1, s2, extra, i, s, keys, st);
       });
     }
+  };
+  for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin,
+                                           int64_t end, double* slot) {
+    if (!inputs) {
+      step_piece(row, plan, begin + hand_vectorized_prefix<A, P, S, PREC, V>(row, plan, begin, end, slot), end, slot, false);
+      return;
+    }
+    // With one-step inputs, in sub-pieces that stay in L1 between the copies and the update.
+    bool saved = false;
+    for (int64_t b = begin; b < end; b += kInputSubPiece) {
+      const int64_t e = b + kInputSubPiece < end ? b + kInputSubPiece : end;
+      StepInputs<P, S, PREC>::restore(row, b, e);
+      saved |= StepInputs<P, S, PREC>::save(row, b, e);
+      step_piece(row, plan, b, e, slot, true);
+    }
+    if (saved) stream_fence();
   });
 }
 
@@ -266,7 +280,10 @@ void quantized_loop(const StepCall& call) {
       double* slot = stats.slot(c, row[kColGroup]);
       end = end < row[kColNumel] ? end : row[kColNumel];  // (the work list pads to whole blocks)
       if (begin >= end) return;
-      if (inputs) StepInputs<P, q8_t, PREC>::restore(row, begin, end);
+      if (inputs) {
+        StepInputs<P, q8_t, PREC>::restore(row, begin, end);
+        if (StepInputs<P, q8_t, PREC>::save(row, begin, end)) stream_fence();
+      }
       const P* piece_grad =
           inputs ? StepInputs<P, q8_t, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
       const auto runner = [&](int n, auto body) { run_piece(n, slot, body); };
@@ -308,37 +325,41 @@ double sum_squares_typed(const ReduceCall& call) {
   const WorkList work(call.n_tensors, [&](int64_t t) { return call.numels[t]; });
   std::vector<double> partial(size_t(work.chunks()), 0.0);
   parallel_for_chunks(work, call.num_threads, [&](int64_t c) {
-    // Eight independent accumulators let the compiler vectorize a reduction it may not
-    // reassociate.
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    // kSumLanes independent accumulators, element i + k of each group of kSumLanes into acc[k]:
+    // the SIMD loops keep them in four (AVX-512) or eight (AVX2) registers, so four or eight
+    // dependent add chains run at once instead of one (a single chain ran at about half the
+    // memory bandwidth). Every build adds in this same order, so the same bits.
+    constexpr int kSumLanes = 32;
+    double acc[kSumLanes] = {};
     work.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t end) {
       const T* __restrict__ x = reinterpret_cast<const T*>(call.ptrs[t]);
       int64_t i = begin;
 #if defined(__AVX512F__) || defined(__AVX2__)
       if constexpr (std::is_same_v<T, float>) {
-        // The same eight accumulators, lane k = acc[k], in registers (GCC leaves the loop below
-        // scalar for float: ~7 GB/s a thread). Same order of additions, so the same bits.
+        // (GCC leaves the generic loop below scalar for float: ~7 GB/s a thread.)
 #if defined(__AVX512F__)
-        __m512d a = _mm512_loadu_pd(acc);
-        for (; i + 8 <= end; i += 8) {
-          const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
-          a = _mm512_add_pd(a, _mm512_mul_pd(v, v));
-        }
-        _mm512_storeu_pd(acc, a);
+        __m512d a[4];
+        for (int r = 0; r < 4; ++r) a[r] = _mm512_loadu_pd(acc + 8 * r);
+        for (; i + kSumLanes <= end; i += kSumLanes)
+          for (int r = 0; r < 4; ++r) {
+            const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * r));
+            a[r] = _mm512_add_pd(a[r], _mm512_mul_pd(v, v));
+          }
+        for (int r = 0; r < 4; ++r) _mm512_storeu_pd(acc + 8 * r, a[r]);
 #else
-        __m256d lo = _mm256_loadu_pd(acc), hi = _mm256_loadu_pd(acc + 4);
-        for (; i + 8 <= end; i += 8) {
-          const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
-          lo = _mm256_add_pd(lo, _mm256_mul_pd(v0, v0));
-          hi = _mm256_add_pd(hi, _mm256_mul_pd(v1, v1));
-        }
-        _mm256_storeu_pd(acc, lo);
-        _mm256_storeu_pd(acc + 4, hi);
+        __m256d a[8];
+        for (int r = 0; r < 8; ++r) a[r] = _mm256_loadu_pd(acc + 4 * r);
+        for (; i + kSumLanes <= end; i += kSumLanes)
+          for (int r = 0; r < 8; ++r) {
+            const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * r));
+            a[r] = _mm256_add_pd(a[r], _mm256_mul_pd(v, v));
+          }
+        for (int r = 0; r < 8; ++r) _mm256_storeu_pd(acc + 4 * r, a[r]);
 #endif
       }
 #endif
-      for (; i + 8 <= end; i += 8)
-        for (int k = 0; k < 8; ++k) {
+      for (; i + kSumLanes <= end; i += kSumLanes)
+        for (int k = 0; k < kSumLanes; ++k) {
           double v = load_float(x[i + k]);
           acc[k] += v * v;
         }
@@ -347,7 +368,9 @@ double sum_squares_typed(const ReduceCall& call) {
         acc[0] += v * v;
       }
     });
-    partial[size_t(c)] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (int width = kSumLanes / 2; width >= 1; width /= 2)  // a fixed pairwise tree
+      for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+    partial[size_t(c)] = acc[0];
   });
   double sum = 0.0;
   for (double p : partial) sum += p;
@@ -386,35 +409,6 @@ void average(const AverageCall& call) {
     case DType::kUInt8Blockwise: break;
   }
   throw std::invalid_argument("fusedopt: unsupported dtype for average");
-}
-
-// One piece of a copy. Where the ISA has them, streaming (non-temporal) stores: a copy's
-// destination (a snapshot, or the live tensors on restore) is not read back soon, so skipping
-// the read the cache does before each ordinary store saves a third of the traffic.
-void copy_piece(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
-#if defined(__AVX512F__) || defined(__AVX2__)
-#if defined(__AVX512F__)
-  constexpr int64_t kLine = 64;
-#else
-  constexpr int64_t kLine = 32;
-#endif
-  int64_t head = int64_t((kLine - (reinterpret_cast<uintptr_t>(dst) & (kLine - 1))) & (kLine - 1));
-  head = head < n ? head : n;
-  std::memcpy(dst, src, size_t(head));
-  int64_t i = head;
-  for (; i + kLine <= n; i += kLine) {
-#if defined(__AVX512F__)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
-#else
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
-#endif
-  }
-  std::memcpy(dst + i, src + i, size_t(n - i));
-  _mm_sfence();  // streaming stores are weakly ordered: complete them before the chunk counts as done
-#else
-  std::memcpy(dst, src, size_t(n));
-#endif
 }
 
 // The byte ranges laid end to end in 64-byte units, cut into the usual chunks (2 MiB), all

@@ -86,9 +86,9 @@ struct StepCall {
 
 StepTensor step_tensor(const StepCall& call, int64_t t) {
   const int64_t* row = call.table + t * kNumTableColumns;
-  // The one-step input columns are a CPU feature; the Python layer copies on CUDA instead.
-  for (int c = kColParamFrom; c <= kColGradMixWeight; ++c)
-    if (row[c] != 0) throw std::invalid_argument("fusedopt: the *From / GradMix table columns are CPU-only");
+  // The one-step input/output columns are a CPU feature; the Python layer copies on CUDA instead.
+  for (int c = kColParamFrom; c < kNumTableColumns; ++c)
+    if (row[c] != 0) throw std::invalid_argument("fusedopt: the *From / GradMix / *To table columns are CPU-only");
   StepTensor m{};
   m.param = reinterpret_cast<void*>(row[kColParam]);
   m.grad = reinterpret_cast<const void*>(row[kColGrad]);

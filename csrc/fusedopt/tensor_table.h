@@ -44,7 +44,15 @@ enum TableColumn : int {
   // whose bits kColGradMixWeight holds.
   kColGradMix = 24,
   kColGradMixWeight = 25,
-  kNumTableColumns = 26,
+  // Outputs of one step (the CPU kernels only; 0 = none): before updating a piece, the step
+  // saves the live extra / state k of that piece into these buffers (same dtype and layout),
+  // after any restore above: a LossAdaptiveLR snapshot of the optimizer state taken by the
+  // next step's pass (which reads those values anyway) instead of a separate copy pass.
+  kColExtraTo = 26,
+  kColState0To = 27,  // full-precision states only (not 8-bit codes)
+  kColState1To = 28,
+  kColState2To = 29,
+  kNumTableColumns = 30,
 };
 
 enum TableFlags : int64_t { kFlagFirstStep = 1 };

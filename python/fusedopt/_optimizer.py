@@ -517,6 +517,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         returns the pairs it did not take, for the caller to copy now."""
         return SI.defer_copies(self, pairs, self._step_inputs, params=params)
 
+    def _defer_saves(self, pairs) -> list:
+        """Hands ``(dst, src)`` copies out of this optimizer's moments / master / Kahan buffers to
+        the next step, which saves the values from before its update into dst inside its pass;
+        returns the pairs it did not take, for the caller to copy now."""
+        return SI.defer_saves(self, pairs, self._step_inputs)
+
     def _defer_grad_mix(self, params, mixes, weight: float) -> list:
         """Hands ``p.grad.lerp_(mix, weight)`` to the next step; returns the ``(param, mix)``
         pairs it did not take."""

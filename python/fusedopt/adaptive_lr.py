@@ -171,8 +171,15 @@ class _Snapshot:
             dst.append(buf)
             src.append(t)
         self._buckets = list(buckets.values())
-        for buffers, tensors in self._buckets:
-            _multi_tensor.copy_(buffers, tensors)
+        pairs = [(buf, t) for buffers, tensors in self._buckets for buf, t in zip(buffers, tensors)]
+        if hasattr(optimizer, "_defer_saves"):
+            # A fusedopt optimizer saves its moments (and master/Kahan buffers) inside the next
+            # step's pass (_step_inputs.py): only that step changes them, and reading
+            # optimizer.state, or a restore, before it does the copies. Params, buffers and group
+            # tensors are copied now (anything may change them before the step).
+            pairs = optimizer._defer_saves(pairs)
+        if pairs:
+            _multi_tensor.copy_([buf for buf, _ in pairs], [t for _, t in pairs])
         self.taken = True
 
     def saved(self, tensor: torch.Tensor) -> torch.Tensor:

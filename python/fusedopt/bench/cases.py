@@ -99,6 +99,9 @@ class Case:
     # restore around an AdamW step): the case then also reports that work's cost,
     # fusedopt - this, and its ratio to this contender's step.
     overhead_of: str = ""
+    # How many of overhead_of's steps one call of the fusedopt contender runs (the work around
+    # them is fusedopt - overhead_steps x this).
+    overhead_steps: int = 1
 
     def shapes(self, device: str, scale: float = 1.0) -> list[tuple[int, ...]]:
         base = self.cuda_shapes if device == "cuda" else self.cpu_shapes
@@ -222,15 +225,16 @@ CASES: dict[str, Case] = {c.name: c for c in [
                      "restoring w in its pass: w 4r (for p's 4r), p 4w, g 4r, buf 4r+4w = 40 "
                      "(torch-fused: the SGD step, 20)", **_GPT),
     Case("snapshot_restore",
-         "LossAdaptiveLR's snapshot + restore of params and AdamW state around the AdamW step that "
-         "follows a restore (the restore of m and v is done inside that step's pass) vs the step "
-         "alone (fusedopt-plain, torch-fused); the snapshot + restore cost is the difference",
+         "LossAdaptiveLR's snapshot + restore of params and AdamW state as a search does them: take "
+         "the snapshot, one trial AdamW step, restore, the next step (m and v are saved by the "
+         "trial step's pass and restored by the next step's) vs two steps alone (fusedopt-plain, "
+         "torch-fused); the snapshot + restore cost is the difference",
          "Snapshot", _F32,
          hyper=_ADAMW, torch_variants=("torch-fused",), torch_optimizer="AdamW", torch_hyper=_ADAMW,
          reference="AdamW", reference_hyper=_ADAMW, fusedopt_baseline=True, peers=False,
-         overhead_of="fusedopt-plain", bytes_per_param=24 + 8 + 28 + 8,
-         bytes_model="take p, m, v 12r+12w; restore p 4r+4w; AdamW step 28 + m, v read from the "
-                     "snapshot 8 = 68 (the step alone: 28)", **_GPT),
+         overhead_of="fusedopt-plain", overhead_steps=2, bytes_per_param=8 + 28 + 8 + 8 + 28 + 8,
+         bytes_model="take p 4r+4w; trial step 28 + m, v saved 8w; restore p 4r+4w; step 28 + m, v "
+                     "read from the snapshot 8 = 88 per two steps (two steps alone: 56)", **_GPT),
     Case("ema_update",
          "EMA of fp32 weights (decay 0.999): fusedopt.averaging.EMA.update vs torch._foreach_lerp_ "
          "(what AveragedModel's EMA does) and a per-tensor lerp_ loop", "EMA", _F32,

@@ -213,8 +213,10 @@ def _sam_hyper(case: Case) -> tuple[float, dict]:
 
 class _SnapshotStep:
     """LossAdaptiveLR's snapshot + restore of a fusedopt.AdamW that has taken one step (so its
-    state exists), around the step that follows a restore: ``step()`` takes the snapshot,
-    restores it (params copied, moments handed to the next step) and steps."""
+    state exists), as a search with one-step trials does them: ``step()`` takes the snapshot
+    (params copied, moments handed to the next step), runs the trial step (which saves the
+    moments), restores (params copied, moments handed to the next step) and runs the next
+    step (which restores them): two AdamW steps (Case.overhead_steps)."""
 
     def __init__(self, params, fusedopt_mod, hyper):
         self.optimizer = fusedopt_mod.AdamW(params, **hyper)
@@ -224,6 +226,7 @@ class _SnapshotStep:
 
     def step(self):
         self._snapshot.take(self.optimizer)
+        self.optimizer.step()
         self._snapshot.restore(self.optimizer)
         self.optimizer.step()
 
@@ -244,9 +247,9 @@ def fusedopt_contender(mod, case: Case, plain: bool = False) -> Contender:
             return Contender("fusedopt-plain", "fusedopt", f"fusedopt.AdamW({_kw(case.hyper)}).step()",
                              case.param_dtype, task_bytes(case, case.param_dtype),
                              lambda params: mod.AdamW(params, **case.hyper))
-        return Contender("fusedopt", "fusedopt", "LossAdaptiveLR snapshot take() + restore() of a "
-                         f"fusedopt.AdamW({_kw(case.hyper)}) (params, exp_avg, exp_avg_sq, step), then its "
-                         "step()", case.param_dtype, case.bytes_per_param,
+        return Contender("fusedopt", "fusedopt", "LossAdaptiveLR snapshot take(), a trial step(), "
+                         f"restore() of a fusedopt.AdamW({_kw(case.hyper)}) (params, exp_avg, exp_avg_sq, "
+                         "step), then its step()", case.param_dtype, case.bytes_per_param,
                          lambda params: _SnapshotStep(params, mod, case.hyper), matches_reference=False)
     cls = getattr(mod, case.optimizer)
     kw = {**case.hyper, **({} if plain else case.fusedopt_kwargs)}

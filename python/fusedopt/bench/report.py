@@ -63,7 +63,9 @@ def _case_notes(case: dict, repeats: int) -> list[str]:
         notes.append(f"{name} slow ({s['step_s']:.2f} s/step): timed in {s['rounds']} rounds")
     over = case.get("overhead")
     if over:
-        notes.append(f"fusedopt's work around the {over['of']} step: {over['ms']:.2f} ms = "
+        steps = over.get("steps", 1)
+        around = f"the {over['of']} step" if steps == 1 else f"{steps} {over['of']} steps"
+        notes.append(f"fusedopt's work around {around}: {over['ms']:.2f} ms = "
                      f"{over['ratio']:.2f}x one {over['of']} step (medians)")
     return notes
 

@@ -243,8 +243,9 @@ def run_case(case: _cases.Case, st: Settings, fusedopt_mod, fusedopt_reason, pee
     over = results.get(case.overhead_of) if case.overhead_of else None
     mine = results.get("fusedopt")
     if over and mine and over["status"] == "ok" and mine["status"] == "ok":
-        extra = mine["ms_median"] - over["ms_median"]
-        doc["overhead"] = dict(of=case.overhead_of, ms=extra, ratio=extra / over["ms_median"])
+        extra = mine["ms_median"] - case.overhead_steps * over["ms_median"]
+        doc["overhead"] = dict(of=case.overhead_of, steps=case.overhead_steps, ms=extra,
+                               ratio=extra / over["ms_median"])
     order = ["fusedopt"] + [c.name for c in line_up]
     doc["results"] = [results[k] for k in dict.fromkeys(order) if k in results]
     doc["elapsed_s"] = time.perf_counter() - t0
