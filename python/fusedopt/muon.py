@@ -43,14 +43,17 @@ def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int =
     (transposed when rows > cols), after dividing by the Frobenius norm clamped at ``eps``.
     Every iteration is one ``bmm`` and two ``baddbmm`` calls for the whole stack.
 
-    On the CPU a tall stack is never transposed in memory: the iteration runs on it in the
-    params' layout with transposed GEMM operands (``X^T X`` for the Gram matrix and
-    ``a X + X B^T`` for the update; the same products summed in the same order, measured bit
-    for bit equal to torch's on this CPU's oneDNN path, where a bf16 transposing copy costs
-    about 1 ns an element, as much as a third of the GEMMs of a 1024 x 256 matrix). The
-    result is contiguous in ``x``'s orientation. ``workspace`` (CPU): a :class:`_Workspace`
-    of this stack's shape whose ``stack`` holds the input (normalised in place); the result
-    is one of its buffers, valid until the workspace is used again."""
+    On the CPU the GEMMs get torch's own operand layouts: for a tall stack, torch's first
+    iteration runs on the transposed view (``Y = X^T``: the Gram matrix ``Y Y^T`` reads ``X``
+    as it lies, and the update ``a Y + B Y`` is written wide and contiguous), the later ones on
+    that wide copy. oneDNN's bf16 kernels sum a GEMM's products in an order that depends on
+    its operands' layouts (and on the shape and thread count): a tall stack transposed in
+    memory first, or run in its own layout throughout, gives the same algorithm with other
+    roundings (measured: several ulps of the output at 1024 x 256 with 2 threads, 2048 x 256
+    with 1). The result is ``[n, rows, cols]`` (for a tall stack, a transposed view of a wide
+    one, as torch's). ``workspace`` (CPU): a :class:`_Workspace` of this stack's shape whose
+    ``stack`` holds the input (normalised in place); the result lives in its buffers, valid
+    until the workspace is used again."""
     if x.device.type != "cpu":
         return _newton_schulz_transposing(x, coefficients, steps, eps)
     a, b, c = coefficients
@@ -63,17 +66,21 @@ def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int =
     norms = torch.linalg.vector_norm(x.reshape(n, -1), dim=1).clamp_(min=eps)
     x.div_(norms[:, None, None])
     tall = rows > cols
+    if tall and steps:
+        # torch's first iteration on Y = X^T (a view): Y Y^T (Y^T is X itself), then
+        # a Y + B Y written wide (the copy of Y that baddbmm starts from is the transpose).
+        y = x.mT
+        torch.bmm(y, x, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=gram_update)
+        torch.baddbmm(y, gram_update, y, beta=a, out=spare)
+        x, spare = spare, x.view(n, cols, rows)  # (the tall stack's memory, reused wide)
+        steps -= 1
     for _ in range(steps):
-        if tall:  # (X^T)(X^T)^T = X^T X;  (a X^T + B X^T)^T = a X + X B^T
-            torch.bmm(x.mT, x, out=gram)
-            torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=gram_update)
-            torch.baddbmm(x, x, gram_update.mT, beta=a, out=spare)
-        else:
-            torch.bmm(x, x.mT, out=gram)
-            torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=gram_update)
-            torch.baddbmm(x, gram_update, x, beta=a, out=spare)
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=gram_update)
+        torch.baddbmm(x, gram_update, x, beta=a, out=spare)
         x, spare = spare, x
-    return x
+    return x.mT if x.shape[1] != rows else x
 
 
 class _Workspace:
@@ -87,7 +94,7 @@ class _Workspace:
     def __init__(self, n: int, rows: int, cols: int, device) -> None:
         side = min(rows, cols)
         self.stack = torch.empty((n, rows, cols), dtype=torch.bfloat16, device=device)
-        self.spare = torch.empty_like(self.stack)
+        self.spare = torch.empty((n, side, max(rows, cols)), dtype=torch.bfloat16, device=device)  # wide
         self.gram = torch.empty((n, side, side), dtype=torch.bfloat16, device=device)
         self.gram_update = torch.empty_like(self.gram)
 
