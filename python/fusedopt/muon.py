@@ -4,9 +4,12 @@ single-process, DDP (``process_group=``) and FSDP2 (DTensor params).
 The math, state (``momentum_buffer``) and validation wording are ``torch.optim.Muon``'s; the
 speed comes from structure. Matrices of the same shape are stacked into one ``[n, rows, cols]``
 bf16 tensor and each Newton-Schulz iteration is one ``bmm`` + two ``baddbmm`` calls for all of
-them (on the CPU, for cache-sized batches of them: see ``CPU_BATCH_ELEMENTS``); the elementwise work (momentum and Nesterov blend, weight decay, the scaled update, the
-precision paths) is one ``torch._foreach_*`` call per bucket; ``use_muon=False`` groups are
-stepped by one ``fusedopt.functional.adamw_`` call per (device, dtype, hyper-parameters) bucket.
+them (on the CPU, for cache-sized batches of them: see ``CPU_BATCH_ELEMENTS``, in bf16
+buffers kept across steps, with torch's own GEMM operand layouts so the bits match); the
+elementwise work (momentum, weight decay, the scaled update, the precision paths) is one
+``torch._foreach_*`` call per bucket, and the Nesterov blend is lerped straight into the bf16
+stack; ``use_muon=False`` groups are stepped by one ``fusedopt.functional.adamw_`` call per
+(device, dtype, hyper-parameters) bucket.
 """
 from __future__ import annotations
 
