@@ -478,6 +478,71 @@ def test_cpu_cache_sized_batches_give_the_same_bits(monkeypatch, budget, per_ste
         assert_bits_equal(a.detach(), b.detach())
 
 
+def test_newton_schulz_workspace_gives_the_same_bits_and_the_input_orientation():
+    # With a workspace the CPU path runs in its kept buffers (a tall stack's memory reused
+    # wide after the first iteration): the bits of a fresh call, in x's orientation.
+    g = torch.Generator().manual_seed(5)
+    for shape in [(40, 12), (12, 40), (16, 16)]:
+        stack = torch.randn((3, *shape), generator=g)
+        fresh = fusedopt.muon.newton_schulz(stack, *NS)
+        assert fresh.shape == stack.shape and fresh.dtype == torch.bfloat16
+        assert_bits_equal(fresh, torch.stack([torch_ns(m, *NS) for m in stack]))
+        ws = fusedopt.muon._Workspace(3, *shape, "cpu")
+        for _ in range(2):  # a used workspace (its buffers hold the last call's values)
+            ws.stack.copy_(stack)
+            out = fusedopt.muon.newton_schulz(ws.stack, *NS, ws)
+            assert_bits_equal(out, fresh)
+        assert_bits_equal(fusedopt.muon.newton_schulz(stack, *NS, ws), fresh)  # x copied in
+
+
+def test_cpu_workspaces_follow_the_params_that_have_grads():
+    # The kept Newton-Schulz buffers are per (device, batch shape); steps where the set of
+    # params with grads changes (other batch sizes and shapes), where bf16 and fp32 groups
+    # share a matrix shape, or where several batches of one shape reuse one workspace in a
+    # step, must all give torch.optim.Muon's results; unused workspaces are dropped and none
+    # reaches the state dict.
+    def build(seed):
+        fp32 = make([(24, 8)] * 3 + [(8, 24), (16, 16)], seed=seed)
+        bf16 = make([(24, 8), (16, 16)], dtype=torch.bfloat16, seed=seed + 1)
+        return fp32 + bf16
+
+    ref, got = build(0), build(0)
+    r = torch.optim.Muon([dict(params=ref[:5]), dict(params=ref[5:], lr=0.05)], lr=0.02)
+    f = fusedopt.Muon([dict(params=got[:5]), dict(params=got[5:], lr=0.05)], lr=0.02)
+    g = torch.Generator().manual_seed(7)
+    masks = [[1] * 7, [1, 0, 1, 0, 1, 1, 0], [0, 1, 0, 1, 0, 0, 1], [1] * 7, [1, 1, 1, 0, 0, 0, 0]]
+    for step, mask in enumerate(masks):
+        for a, b, on in zip(ref, got, mask):
+            grad = torch.randn(a.shape, generator=g).to(a.dtype) if on else None
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        r.step()
+        f.step()
+        used = {(count, rows, cols) for (_, count, rows, cols) in f._workspaces}
+        fp32_rows = sum(mask[:3])
+        expected = ({(fp32_rows, 24, 8)} if fp32_rows else set()) | ({(1, 24, 8)} if mask[5] else set())
+        assert {k for k in used if k[1:] == (24, 8)} == expected, (step, used)
+        for a, b in zip(got, ref):
+            if a.dtype == torch.float32:
+                torch.testing.assert_close(a.detach(), b.detach(), **FP32)
+            else:
+                assert_close(a.detach(), b.detach(), msg="bf16 param")
+    assert all(set(s) == {"momentum_buffer"} for s in f.state_dict()["state"].values())
+
+
+def test_cpu_batches_of_one_shape_share_a_workspace(monkeypatch):
+    # A 200-element budget cuts six 24x8 params into six batches of one: one kept workspace
+    # serves them all, one after the other, and the results are torch's bit for bit.
+    ref, got = make([(24, 8)] * 6), make([(24, 8)] * 6)
+    grads = grads_for(ref, 3)
+    train(torch.optim.Muon(ref, lr=0.02), ref, grads)
+    monkeypatch.setattr(fusedopt.muon, "CPU_BATCH_ELEMENTS", 200)
+    f = fusedopt.Muon(got, lr=0.02)
+    train(f, got, grads)
+    assert list(f._workspaces) == [(torch.device("cpu"), 1, 24, 8)]
+    for a, b in zip(got, ref):
+        assert_bits_equal(a.detach(), b.detach())
+
+
 def test_kahan_summation_against_reference():
     got = make(dtype=torch.bfloat16)
     ref = [p.detach().clone() for p in got]

@@ -4,9 +4,12 @@ single-process, DDP (``process_group=``) and FSDP2 (DTensor params).
 The math, state (``momentum_buffer``) and validation wording are ``torch.optim.Muon``'s; the
 speed comes from structure. Matrices of the same shape are stacked into one ``[n, rows, cols]``
 bf16 tensor and each Newton-Schulz iteration is one ``bmm`` + two ``baddbmm`` calls for all of
-them (on the CPU, for cache-sized batches of them: see ``CPU_BATCH_ELEMENTS``); the elementwise work (momentum and Nesterov blend, weight decay, the scaled update, the
-precision paths) is one ``torch._foreach_*`` call per bucket; ``use_muon=False`` groups are
-stepped by one ``fusedopt.functional.adamw_`` call per (device, dtype, hyper-parameters) bucket.
+them (on the CPU, for cache-sized batches of them: see ``CPU_BATCH_ELEMENTS``, in bf16
+buffers kept across steps, with torch's own GEMM operand layouts so the bits match); the
+elementwise work (momentum, weight decay, the scaled update, the precision paths) is one
+``torch._foreach_*`` call per bucket, and the Nesterov blend is lerped straight into the bf16
+stack; ``use_muon=False`` groups are stepped by one ``fusedopt.functional.adamw_`` call per
+(device, dtype, hyper-parameters) bucket.
 """
 from __future__ import annotations
 
@@ -36,11 +39,71 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # ---- the math --------------------------------------------------------------------------------
-def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int = 5, eps: float = 1e-7) -> Tensor:
+def newton_schulz(x: Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int = 5, eps: float = 1e-7,
+                  workspace: "_Workspace | None" = None) -> Tensor:
     """Orthogonalises each matrix of the stack ``x`` (``[n, rows, cols]``) as torch.optim.Muon's
     ``_zeropower_via_newtonschulz`` does one matrix: in bf16, on the wide orientation
     (transposed when rows > cols), after dividing by the Frobenius norm clamped at ``eps``.
-    Every iteration is one ``bmm`` and two ``baddbmm`` calls for the whole stack."""
+    Every iteration is one ``bmm`` and two ``baddbmm`` calls for the whole stack.
+
+    On the CPU the GEMMs get torch's own operand layouts: for a tall stack, torch's first
+    iteration runs on the transposed view (``Y = X^T``: the Gram matrix ``Y Y^T`` reads ``X``
+    as it lies, and the update ``a Y + B Y`` is written wide and contiguous), the later ones on
+    that wide copy. oneDNN's bf16 kernels sum a GEMM's products in an order that depends on
+    its operands' layouts (and on the shape and thread count): a tall stack transposed in
+    memory first, or run in its own layout throughout, gives the same algorithm with other
+    roundings (measured: several ulps of the output at 1024 x 256 with 2 threads, 2048 x 256
+    with 1). The result is ``[n, rows, cols]`` (for a tall stack, a transposed view of a wide
+    one, as torch's). ``workspace`` (CPU): a :class:`_Workspace` of this stack's shape whose
+    ``stack`` holds the input (normalised in place); the result lives in its buffers, valid
+    until the workspace is used again."""
+    if x.device.type != "cpu":
+        return _newton_schulz_transposing(x, coefficients, steps, eps)
+    a, b, c = coefficients
+    n, rows, cols = x.shape
+    if workspace is None:
+        workspace = _Workspace(n, rows, cols, x.device)
+    if x is not workspace.stack:
+        workspace.stack.copy_(x)
+    x, spare, gram, gram_update = workspace.stack, workspace.spare, workspace.gram, workspace.gram_update
+    norms = torch.linalg.vector_norm(x.reshape(n, -1), dim=1).clamp_(min=eps)
+    x.div_(norms[:, None, None])
+    tall = rows > cols
+    if tall and steps:
+        # torch's first iteration on Y = X^T (a view): Y Y^T (Y^T is X itself), then
+        # a Y + B Y written wide (the copy of Y that baddbmm starts from is the transpose).
+        y = x.mT
+        torch.bmm(y, x, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=gram_update)
+        torch.baddbmm(y, gram_update, y, beta=a, out=spare)
+        x, spare = spare, x.view(n, cols, rows)  # (the tall stack's memory, reused wide)
+        steps -= 1
+    for _ in range(steps):
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=gram_update)
+        torch.baddbmm(x, gram_update, x, beta=a, out=spare)
+        x, spare = spare, x
+    return x.mT if x.shape[1] != rows else x
+
+
+class _Workspace:
+    """The bf16 buffers of one CPU Newton-Schulz batch shape ``[n, rows, cols]``: the input
+    stack, its ping-pong partner, the Gram matrix and its update. Kept by the optimizer across
+    steps (per device and batch shape; dropped when a step no longer uses them), so a step
+    allocates nothing for its GEMMs and their outputs stay in already-mapped pages."""
+
+    __slots__ = ("stack", "spare", "gram", "gram_update")
+
+    def __init__(self, n: int, rows: int, cols: int, device) -> None:
+        side = min(rows, cols)
+        self.stack = torch.empty((n, rows, cols), dtype=torch.bfloat16, device=device)
+        self.spare = torch.empty((n, side, max(rows, cols)), dtype=torch.bfloat16, device=device)  # wide
+        self.gram = torch.empty((n, side, side), dtype=torch.bfloat16, device=device)
+        self.gram_update = torch.empty_like(self.gram)
+
+
+def _newton_schulz_transposing(x: Tensor, coefficients, steps: int, eps: float) -> Tensor:
+    """GPUs: a tall stack is transposed to the wide orientation first (torch's GEMMs there)."""
     a, b, c = coefficients
     x = x.to(torch.bfloat16)
     tall = x.size(-2) > x.size(-1)
@@ -244,6 +307,7 @@ class Muon(torch.optim.Optimizer):
         self.process_group = process_group
         self.last_grad_norm: Tensor | None = None
         self._last_stats = None
+        self._workspaces: dict = {}  # CPU Newton-Schulz buffers per (device, batch shape); not state
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(Muon._remember_saved_state)
         self.register_load_state_dict_post_hook(Muon._restore_saved_dtypes)
@@ -528,22 +592,39 @@ class Muon(torch.optim.Optimizer):
         for key, bucket in by_shape.items():
             device, sharded = key[0], key[-1]
             local_cpu = device.type == "cpu" and sharded is None and not shared
-            batches += [(key, part) for part in (_cache_sized(bucket) if local_cpu else [bucket])]
-        for (device, rows, cols, coefficients, steps, eps, _, sharded), bucket in batches:
-            # The Nesterov blend is made here, one shape group at a time: its temporaries are
-            # the size of one stack, not of all Muon params (less peak memory, and on the CPU
-            # the allocator reuses them instead of faulting in fresh pages every step).
-            updates = self._blend(bucket, used_grads)
+            batches += [(key, part, local_cpu) for part in (_cache_sized(bucket) if local_cpu else [bucket])]
+        # (the ones this step uses stay; an optimizer pickled before they existed has none)
+        workspaces, self._workspaces = self.__dict__.get("_workspaces", {}), {}
+        for (device, rows, cols, coefficients, steps, eps, _, sharded), bucket, local_cpu in batches:
             if sharded is not None:
+                # The Nesterov blend is made here, one shape group at a time: its temporaries
+                # are the size of one stack, not of all Muon params.
+                updates = self._blend(bucket, used_grads)
                 pieces = _sharded_newton_schulz(updates, bucket[0].param, rows, cols, coefficients, steps, eps)
             else:
-                # Written straight into one bf16 stack (the rounding torch's `.bfloat16()` does).
                 count = sum(e.local.numel() for e in bucket) // (rows * cols)
-                stack = torch.empty((count, rows, cols), dtype=torch.bfloat16, device=device)
-                torch._foreach_copy_(_split_like(stack, bucket), updates)
-                del updates
-                if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
+                workspace = None
+                if local_cpu:
+                    # The CPU keeps each batch shape's buffers across steps (a fresh 1-4 MiB
+                    # temporary comes back from malloc as unmapped pages: faulting them in
+                    # cost as much as the op that wrote them). Batches run one after the
+                    # other and _apply below uses each result up before the next batch of
+                    # the same shape overwrites it.
+                    wkey = (device, count, rows, cols)
+                    workspace = workspaces.get(wkey) or self._workspaces.get(wkey)
+                    if workspace is None:
+                        workspace = _Workspace(count, rows, cols, device)
+                    self._workspaces[wkey] = workspace
+                    stack = workspace.stack
+                else:
+                    stack = torch.empty((count, rows, cols), dtype=torch.bfloat16, device=device)
+                # The blend is written straight into the bf16 stack: torch's
+                # `grad.lerp(buf, momentum).bfloat16()` rounding, in one pass and no temporary.
+                self._blend(bucket, used_grads, out=_split_like(stack, bucket))
+                if shared:
                     ortho = _shared_newton_schulz(stack, coefficients, steps, eps, self.process_group)
+                elif workspace is not None:
+                    ortho = newton_schulz(stack, coefficients, steps, eps, workspace)
                 else:
                     ortho = newton_schulz(stack, coefficients, steps, eps)
                 del stack
@@ -552,21 +633,30 @@ class Muon(torch.optim.Optimizer):
             self._apply(bucket, pieces, rows, cols, keep, work)
         self._write_back(entries, work, keep)
 
-    def _blend(self, bucket, used_grads) -> list[Tensor]:
+    def _blend(self, bucket, used_grads, out=None) -> list[Tensor]:
         """The update each entry orthogonalises: torch's ``grad.lerp(buf, momentum)`` with
-        Nesterov, else the buffer; one foreach call per group's run of the bucket."""
+        Nesterov, else the buffer; one foreach call per group's run of the bucket. ``out``
+        (one tensor per entry, any float dtype): written there instead (one lerp per entry,
+        rounded once into ``out``'s dtype, the bits of lerp-then-cast) and returned."""
         runs = defaultdict(list)
         for i, e in enumerate(bucket):
             runs[e.group].append(i)
-        out = [None] * len(bucket)
+        result = [None] * len(bucket) if out is None else out
         for gi, idx in runs.items():
             group = self.param_groups[gi]
             bufs = [_local(self.state[bucket[i].param]["momentum_buffer"]) for i in idx]
+            if out is not None:
+                if group["nesterov"]:
+                    for i, buf in zip(idx, bufs):
+                        torch.lerp(used_grads[id(bucket[i].param)], buf, group["momentum"], out=out[i])
+                else:
+                    torch._foreach_copy_([out[i] for i in idx], bufs)
+                continue
             if group["nesterov"]:
                 bufs = torch._foreach_lerp([used_grads[id(bucket[i].param)] for i in idx], bufs, group["momentum"])
             for i, u in zip(idx, bufs):
-                out[i] = u
-        return out
+                result[i] = u
+        return result
 
     def _targets(self, bucket, work):
         """The tensors the update is added to: fp32 masters, fp32 work copies of SR params, or
