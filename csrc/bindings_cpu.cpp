@@ -77,9 +77,6 @@ void average(const Int64Array& avgs, const Int64Array& srcs, const Int64Array& n
   active_kernels().average(call);
 }
 
-// torch's own accessors (TensorBase.data_ptr, .is_contiguous, .grad, .dtype), handed over
-// once by the Python layer so the per-step loop below calls them directly instead of
-// looking each attribute up by name on every tensor.
 void copy(const Int64Array& dsts, const Int64Array& srcs, const Int64Array& nbytes, int num_threads) {
   bindings::check_lists({&dsts, &srcs, &nbytes}, "dsts, srcs and nbytes");
   CopyCall call;
@@ -155,28 +152,49 @@ FloatArray dequantize_codes(int64_t maps, const ByteArray& codes, int state, flo
   return out;
 }
 
+// torch's own accessors (TensorBase.data_ptr, .is_contiguous, .grad, .dtype), handed over
+// once by the Python layer so the per-step loop below calls them directly instead of
+// looking each attribute up by name on every tensor.
 struct TensorAccessors {
   PyObject* data_ptr = nullptr;       // method descriptor
   PyObject* is_contiguous = nullptr;  // method descriptor
   PyObject* numel = nullptr;          // method descriptor
   PyObject* grad = nullptr;           // getset descriptor
   PyObject* dtype = nullptr;          // getset descriptor
+  PyTypeObject* tensor_type = nullptr;  // torch._C.TensorBase, the type the methods belong to
 } g_access;
 
 void set_tensor_accessors(py::object data_ptr, py::object is_contiguous, py::object numel, py::object grad,
                           py::object dtype) {
   for (PyObject* d : {grad.ptr(), dtype.ptr()})
-    if (Py_TYPE(d)->tp_descr_get == nullptr) throw std::invalid_argument("fusedopt: expected attribute descriptors");
+    if (!PyObject_TypeCheck(d, &PyGetSetDescr_Type)) throw std::invalid_argument("fusedopt: expected attribute descriptors");
+  for (PyObject* m : {data_ptr.ptr(), is_contiguous.ptr(), numel.ptr()})
+    if (!PyObject_TypeCheck(m, &PyMethodDescr_Type)) throw std::invalid_argument("fusedopt: expected method descriptors");
+  PyTypeObject* type = PyDescr_TYPE(data_ptr.ptr());
+  for (PyObject* d : {is_contiguous.ptr(), numel.ptr(), grad.ptr(), dtype.ptr()})
+    if (PyDescr_TYPE(d) != type) throw std::invalid_argument("fusedopt: the accessors must be of one tensor type");
+  Py_INCREF(type);
   g_access = {data_ptr.release().ptr(), is_contiguous.release().ptr(), numel.release().ptr(), grad.release().ptr(),
-              dtype.release().ptr()};
+              dtype.release().ptr(),    type};
 }
 
 PyObject* get(PyObject* descr, PyObject* obj) {
   return Py_TYPE(descr)->tp_descr_get(descr, obj, reinterpret_cast<PyObject*>(Py_TYPE(obj)));
 }
 
+// method(self) for a method descriptor of g_access.tensor_type; `self` must be an instance of it
+// (the caller checked). A METH_NOARGS method (data_ptr, numel) is called through its C function,
+// as the descriptor's own call would after the same type check; anything else by vectorcall.
+PyObject* call0(PyObject* method, PyObject* self) {
+  PyMethodDef* def = reinterpret_cast<PyMethodDescrObject*>(method)->d_method;
+  constexpr int kKinds = METH_VARARGS | METH_FASTCALL | METH_NOARGS | METH_O | METH_KEYWORDS | METH_CLASS | METH_STATIC;
+  if ((def->ml_flags & kKinds) == METH_NOARGS)
+    return def->ml_meth(self, nullptr);
+  return PyObject_Vectorcall(method, &self, 1, nullptr);
+}
+
 bool call_int(PyObject* method, PyObject* self, long long* out) {
-  PyObject* r = PyObject_Vectorcall(method, &self, 1, nullptr);
+  PyObject* r = call0(method, self);
   if (r == nullptr) return false;
   *out = PyLong_AsLongLong(r);
   Py_DECREF(r);
@@ -188,19 +206,24 @@ bool call_int(PyObject* method, PyObject* self, long long* out) {
 // step of many small tensors). Returns -1 when every row is still valid and its grad
 // column is filled, else the first row that needs the slow path (param storage moved, grad
 // missing, of another dtype or size, or not contiguous); the table must then be rebuilt.
+// Each param, and each grad, must be an instance of the tensor type the accessors belong to
+// (anything else takes the slow path), which is what lets call0 skip the descriptor's check.
 int64_t refresh_grads(const py::list& params, const py::object& dtype, Int64Array& table) {
   if (g_access.data_ptr == nullptr) throw std::logic_error("fusedopt: set_tensor_accessors was not called");
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   if (table.ndim() != 2 || table.shape(0) != n || table.shape(1) != kNumTableColumns)
     throw std::invalid_argument("fusedopt: table does not match the params");
+  PyObject* const* items = PySequence_Fast_ITEMS(params.ptr());
   int64_t* rows = table.mutable_data();
+  PyTypeObject* tensor = g_access.tensor_type;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* p = PyList_GET_ITEM(params.ptr(), i);
+    PyObject* p = items[i];
+    if (!PyObject_TypeCheck(p, tensor)) return i;
     long long ptr;
     if (!call_int(g_access.data_ptr, p, &ptr) || ptr != rows[i * kNumTableColumns + kColParam]) return PyErr_Clear(), i;
     PyObject* g = get(g_access.grad, p);
     if (g == nullptr) return PyErr_Clear(), i;
-    bool ok = g != Py_None;
+    bool ok = g != Py_None && PyObject_TypeCheck(g, tensor);
     if (ok) {
       PyObject* gd = get(g_access.dtype, g);
       ok = gd == dtype.ptr();
