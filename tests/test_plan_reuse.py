@@ -207,8 +207,8 @@ def test_a_grad_changed_behind_the_table_is_refused(change):
 
 
 def test_step_hooks_and_profiler_label_as_torch():
-    """fusedopt wraps its step itself (_optimizer._profile_hook_step): torch's hook order and
-    argument rewriting, and torch's profiler label while a profiler runs."""
+    """fusedopt's step keeps torch's step wrapper: torch's hook order and argument rewriting,
+    and torch's profiler label."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     p = nn.Parameter(_tensor(0, (8,)))

@@ -3,14 +3,11 @@ AMP and clipping, and state-dict fidelity. The algorithms (adam.py, sgd.py) only
 state they keep, how a group maps to kernel scalars, and which kernel to call."""
 from __future__ import annotations
 
-import functools
 import math
-from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
-from torch.optim import optimizer as _torch_optimizer
 
 from . import _backend as B
 from . import _compile
@@ -142,16 +139,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)  # torch puts "state" into __dict__, past the property
         self.state = self.__dict__.pop("state", self.__dict__.get("_state", {}))
         self._init_runtime()
-
-    def _patch_step_function(self) -> None:
-        """torch.optim.Optimizer's, with fusedopt's wrapper of the step (_profile_hook_step):
-        torch's step hooks exactly as torch runs them, and its profiler label only while a
-        profiler runs. Like torch's, it wraps the concrete class's `step` once."""
-        self._zero_grad_profile_name = f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"
-        cls = self.__class__
-        if not getattr(cls.step, "hooked", None):
-            cls.step = _profile_hook_step(cls.step)
-            cls.step.hooked = True
 
     # ---- algorithm hooks (overridden) ------------------------------------------------------
     def _moment_keys(self, group) -> tuple[str, ...]:
@@ -700,46 +687,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if stats is None:
             raise RuntimeError("stats() is available after the first step()")
         return stats
-
-
-def _profile_hook_step(func):
-    """torch.optim.Optimizer.profile_hook_step, except that the profiler's
-    ``record_function("Optimizer.step#<class>.step")`` is entered only while a torch profiler
-    runs (torch.autograd.profiler._is_profiler_enabled, which torch.profiler.profile and
-    torch.autograd.profiler.profile set; torch's own compiled-code wrappers check the same flag,
-    torch/_dynamo/utils.py). Entering it costs a dispatcher round trip every step: ~5 us warm,
-    ~0.25 ms on the cold caches of a step that follows other work (measured here), which is
-    more than a tenth of a step of 2,000 small tensors. Hooks: torch's order and rules."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        self = args[0]
-        if torch.autograd.profiler._is_profiler_enabled:
-            with torch.autograd.profiler.record_function(f"Optimizer.step#{self.__class__.__name__}.step"):
-                return _step_with_hooks(func, self, args, kwargs)
-        return _step_with_hooks(func, self, args, kwargs)
-
-    return wrapper
-
-
-def _step_with_hooks(func, self, args, kwargs):
-    pre_hooks = self._optimizer_step_pre_hooks
-    if _torch_optimizer._global_optimizer_pre_hooks or pre_hooks:
-        for pre_hook in chain(_torch_optimizer._global_optimizer_pre_hooks.values(), pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got "
-                                       f"{result}.")
-    out = func(*args, **kwargs)
-    self._optimizer_step_code()
-    post_hooks = self._optimizer_step_post_hooks
-    if post_hooks or _torch_optimizer._global_optimizer_post_hooks:
-        for post_hook in chain(post_hooks.values(), _torch_optimizer._global_optimizer_post_hooks.values()):
-            post_hook(self, args, kwargs)
-    return out
 
 
 def _device_betas(group: dict, device: torch.device):

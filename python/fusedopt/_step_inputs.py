@@ -5,8 +5,10 @@ of a separate one.
 SAM restores ``w`` right before the base step, and LossAdaptiveLR restores the optimizer state
 before the next trial's step. Done as copies, each is a full pass over memory ahead of the step's
 own pass; handed to the step instead (the table columns ``COL_*_FROM`` / ``COL_GRAD_MIX`` of
-csrc/fusedopt/tensor_table.h), the CPU kernel copies each piece right before it updates it,
-while the piece is in cache, and reads the mixed grad from a per-thread scratch.
+csrc/fusedopt/tensor_table.h), the CPU kernel copies each sub-piece of the saved values into
+an L1 scratch, updates it there and streams the result to the live buffer (whose stale contents
+are then never read), and reads the mixed grad from a per-thread scratch: a restore costs the
+step one more read stream.
 
 LossAdaptiveLR's snapshot of the optimizer state is the same in reverse (``COL_*_TO``): the
 next step saves the values it is about to update into the snapshot buffers, with streaming

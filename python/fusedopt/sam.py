@@ -170,9 +170,10 @@ class SAM(torch.optim.Optimizer):
         # Sums of squares per bucket, in float64: dense CPU grads (not ASAM's |p| * g) by one
         # multi-threaded pass of the CPU kernels (torch's CPU _foreach_norm reads at a fraction
         # of the bandwidth), the rest by torch's norms.
+        fused = [_fused_perturb(b) for b in buckets]
         sums = []
-        for b, vectors in zip(buckets, weighted):
-            if not b.adaptive and _fused_perturb(b):
+        for b, vectors, one_pass in zip(buckets, weighted, fused):
+            if not b.adaptive and one_pass:
                 ptrs = np.asarray([g.data_ptr() for g in b.grads], np.int64)
                 numels = np.asarray([g.numel() for g in b.grads], np.int64)
                 code = B.TORCH_DTYPE_CODES[b.params[0].dtype]
@@ -185,13 +186,13 @@ class SAM(torch.optim.Optimizer):
         grad_norm = total.to(device).sqrt().to(norm_dtype)
         self.grad_norm = grad_norm
 
-        for b, absp, wg in zip(buckets, abs_params, weighted):
+        for b, absp, wg, one_pass in zip(buckets, abs_params, weighted, fused):
             b.saved_w = [self._buffer(self._w_buffers, p) for p in b.params]
             if b.alpha < 1.0:
                 b.saved_g = [self._buffer(self._g_buffers, p) for p in b.params]
                 _multi_tensor.copy_(b.saved_g, b.grads)
             scale = (b.rho / (grad_norm + _NORM_EPS)).to(device=b.params[0].device, dtype=b.params[0].dtype)
-            if _fused_perturb(b):
+            if one_pass:
                 # One pass: save w and move to w + e (the CPU kernels; the scale is a CPU tensor
                 # here, so reading it costs no sync).
                 _multi_tensor.sam_perturb_(b.params, b.saved_w, b.grads, float(scale), b.adaptive)
