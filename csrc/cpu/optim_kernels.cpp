@@ -210,15 +210,10 @@ void algorithm_loop(const StepCall& call) {
                                        return A::template scalars<C>(g, lr, step, unscale);
                                      });
   const bool inputs = has_step_inputs(call.table, call.n_tensors);
-  const auto step_piece = [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin, int64_t end,
-                              double* slot, bool with_inputs) __attribute__((always_inline)) {
-    P* __restrict__ param = column_ptr<P>(row, kColParam, begin);
-    const P* __restrict__ grad =
-        with_inputs ? StepInputs<P, S, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
-    S* __restrict__ s0 = column_ptr<S>(row, kColState0, begin);
-    S* __restrict__ s1 = column_ptr<S>(row, kColState1, begin);
-    S* __restrict__ s2 = column_ptr<S>(row, kColState2, begin);
-    void* __restrict__ extra = extra_ptr<PREC, P>(row, begin);
+  // The element loop over [begin, end) on the given buffers (each from element `begin` on).
+  const auto run = [&](P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ s0, S* __restrict__ s1,
+                       S* __restrict__ s2, void* __restrict__ extra, const TensorPlan<Scalars>& plan, int64_t begin,
+                       int64_t end, double* slot) __attribute__((always_inline)) {
     const Scalars s = plan.scalars;
     const RoundingKeys keys = plan.keys.at(begin);
     // The first-step flag is hoisted so each loop body stays branch-free.
@@ -235,18 +230,23 @@ void algorithm_loop(const StepCall& call) {
   for_each_piece_parallel(call, plans, [&](const int64_t* row, const TensorPlan<Scalars>& plan, int64_t begin,
                                            int64_t end, double* slot) {
     if (!inputs) {
-      step_piece(row, plan, begin + hand_vectorized_prefix<A, P, S, PREC, V>(row, plan, begin, end, slot), end, slot, false);
+      begin += hand_vectorized_prefix<A, P, S, PREC, V>(row, plan, begin, end, slot);
+      run(column_ptr<P>(row, kColParam, begin), column_ptr<const P>(row, kColGrad, begin),
+          column_ptr<S>(row, kColState0, begin), column_ptr<S>(row, kColState1, begin),
+          column_ptr<S>(row, kColState2, begin), extra_ptr<PREC, P>(row, begin), plan, begin, end, slot);
       return;
     }
-    // With one-step inputs, in sub-pieces that stay in L1 between the copies and the update.
-    bool saved = false;
+    // With one-step inputs and outputs (step_inputs.h), in sub-pieces that stay in L1 from the
+    // restore and save to the update. (The hand-vectorized loops read the live buffers: not here.)
+    bool streamed = false;
     for (int64_t b = begin; b < end; b += kInputSubPiece) {
       const int64_t e = b + kInputSubPiece < end ? b + kInputSubPiece : end;
-      StepInputs<P, S, PREC>::restore(row, b, e);
-      saved |= StepInputs<P, S, PREC>::save(row, b, e);
-      step_piece(row, plan, b, e, slot, true);
+      typename StepInputs<P, S, PREC>::Staged staged(row, b, e);
+      run(staged.param.at, StepInputs<P, S, PREC>::grad(row, b, e), staged.state[0].at, staged.state[1].at,
+          staged.state[2].at, staged.extra_at(), plan, b, e, slot);
+      streamed |= staged.finish();
     }
-    if (saved) stream_fence();
+    if (streamed) stream_fence();
   });
 }
 
@@ -280,10 +280,7 @@ void quantized_loop(const StepCall& call) {
       double* slot = stats.slot(c, row[kColGroup]);
       end = end < row[kColNumel] ? end : row[kColNumel];  // (the work list pads to whole blocks)
       if (begin >= end) return;
-      if (inputs) {
-        StepInputs<P, q8_t, PREC>::restore(row, begin, end);
-        if (StepInputs<P, q8_t, PREC>::save(row, begin, end)) stream_fence();
-      }
+      if (inputs && StepInputs<P, q8_t, PREC>::restore(row, begin, end)) stream_fence();
       const P* piece_grad =
           inputs ? StepInputs<P, q8_t, PREC>::grad(row, begin, end) : column_ptr<const P>(row, kColGrad, begin);
       const auto runner = [&](int n, auto body) { run_piece(n, slot, body); };
