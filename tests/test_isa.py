@@ -38,9 +38,14 @@ cases = {
     # (cpu/quantized_simd.h), nearest and stochastic codes, against the others' bucket tables
     "adamw_8bit": (torch.float32, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, state_dtype=torch.uint8)),
     "adamw_bf16_sr_8bit": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=5, state_dtype=torch.uint8)),
+    # Adam on fp32 params with 8-bit moments, no amsgrad: the AVX-512 build's fused block
+    # pipeline (RegisterCodec::adam_blocks), decoupled and coupled weight decay
+    "adamw_8bit_plain": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
+    "adam_8bit_coupled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, maximize=True, state_dtype=torch.uint8)),
 }
 # Cases stepped with GradScaler-style scaled grads (grad_scale), plus one skipped step (found_inf).
-scaled = {"adam_bf16_coupled_amsgrad_maximize": 2.0 ** 10, "adamw_bf16_sr_bf16state": 2.0 ** 8}
+scaled = {"adam_bf16_coupled_amsgrad_maximize": 2.0 ** 10, "adamw_bf16_sr_bf16state": 2.0 ** 8,
+          "adamw_8bit_plain": 2.0 ** 6}
 for name, (dtype, kw) in cases.items():
     g = torch.Generator().manual_seed(1)
     ps = [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in (1, 17, 40000, 100003)]

@@ -16,10 +16,18 @@
 // about 4.0 ns/element with gathers, 1.9-2.1 with this codec; the fp32 step itself (sqrt and
 // divide) is about 0.9 of that. The baseline and AVX2 builds (and the CUDA kernel) keep
 // TableCodec: AVX2's 8-lane gathers cost about what these permutes do.
+//   Adam on fp32 params (round-to-nearest, no amsgrad, no telemetry) takes adam_blocks, a
+// software pipeline over a piece's blocks that overlaps one block's update (bound by the
+// divider) with the next block's dequantization and the previous block's code search (bound
+// by the vector ports). bench/q8_block_bench.cpp, TSC cycles per element, one thread, blocks
+// in L2, this Xeon: quantized_block with the codec before this pipeline 3.8 (dequantize m, v
+// 0.30 + 0.30, update 1.05, absmax 0.17, nearest m, v 0.82 + 0.70); now the searches 0.68 +
+// 0.58 on their own, quantized_block 3.5, adam_blocks 2.65-2.7.
 #pragma once
 #include <cmath>
 #include <cstring>
 
+#include "../fusedopt/adam.h"
 #include "../fusedopt/quantized.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
@@ -46,9 +54,10 @@ struct alignas(64) RegisterMapTables {
   bool decades_valid;
   float binade_bound[32];          // the region boundary inside binade [2^(i-24), 2^(i-23)), or +inf
   int32_t binade_region[32];       // the region at the binade's start
-  float region_slope[16], region_offset[16];  // t = |x| * slope - offset
-  int32_t region_first[16];        // the code at the region's start (x > its lower boundary)
-  int32_t region_last[16];         // the number of inner midpoints of the region
+  // t = fma(|x|, slope, -offset): the region's first code plus the number of its inner
+  // midpoints below |x| (floor), so the code is min(floor(t), top) with no add.
+  float region_slope[16], region_offset[16];
+  int32_t region_top[16];          // the region's last code: its first + its inner midpoints
   int32_t mirror;                  // a negative x's code is max(mirror - code(|x|), 0)
 
   void build(const float* qmap) {
@@ -69,10 +78,11 @@ struct alignas(64) RegisterMapTables {
   // (0.1, 1) * 10^(d-6) (n_d = 2^d signed, 2^(d+1) unsigned), then 1.0. So the positive midpoints
   // are 8 irregular ones (R_d between decades, R_7 below 1.0) cutting [0, inf) into 9 regions,
   // and inside region d + 1 (R_d < x <= R_d+1) n_d - 1 evenly spaced ones: the k-th of them lies
-  // at t = k of t(x) = x * slope_d - offset_d, so the code there is first + clamp(floor(t), 0,
-  // n_d - 1). False (and the codec quantizes as TableCodec) when any of that does not hold:
-  // each inner midpoint's t, computed in float as the kernel does, must be within kTieBand / 2
-  // of its integer, and each binade may hold one R at most.
+  // at t = first + k of t(x) = fma(x, slope_d, -offset_d) (offset_d taking the region's first
+  // code in), so the code there is min(floor(t), first + n_d - 1) (floor(t) >= first). False
+  // (and the codec quantizes as TableCodec) when any of that does not hold: each inner
+  // midpoint's t, computed in float as the kernel does (one fused multiply-add), must be
+  // within kTieBand / 2 of its integer, and each binade may hold one R at most.
   bool build_decades(const float (&mid)[kQuantMapSize - 1]) {
     int negative = 0;
     while (negative < kQuantMapSize - 1 && mid[negative] < 0.0f) ++negative;
@@ -87,24 +97,27 @@ struct alignas(64) RegisterMapTables {
     float boundary[8];
     boundary[0] = pos[0];
     int j = 0;
-    set_region(0, 0.0f, -0.5f, negative, 0);  // x <= R_0: t = 0.5, never near an integer
+    set_region(0, 0.0f, 0.0f, negative, 0);  // x <= R_0: t = first + 0.5, never near an integer
     for (int d = 0; d < 7; ++d) {
       const int n = is_signed ? 1 << d : 2 << d;
       if (j + n >= n_pos) return false;
       const double scale = std::pow(10.0, d - 6);
-      float slope = float(n / (0.9 * scale)), offset = float(0.1 * n / 0.9);
-      if (n == 1) slope = 0.0f, offset = -0.5f;
+      const int first = negative + j + 1;
+      float slope = float(n / (0.9 * scale)), offset = float(0.1 * n / 0.9 - first);
+      if (n == 1) slope = 0.0f, offset = 0.0f;
+      set_region(d + 1, slope, offset, first, n - 1);
+      offset = region_offset[d + 1];
       for (int k = 1; k < n; ++k) {
-        const float t = pos[j + k] * slope - offset;
-        if (!(std::fabs(t - float(k)) <= kTieBand / 2)) return false;
+        const float t = std::fma(pos[j + k], slope, -offset);
+        if (!(std::fabs(t - float(first + k)) <= kTieBand / 2)) return false;
       }
-      if (!(boundary[d] * slope - offset >= 0.0f)) return false;  // floor(t) >= 0 in the region
-      set_region(d + 1, slope, offset, negative + j + 1, n - 1);
+      // floor(t) >= first in the region
+      if (!(std::fma(boundary[d], slope, -offset) >= float(first))) return false;
       j += n;
       boundary[d + 1] = pos[j];
     }
     if (j != n_pos - 1) return false;
-    for (int r = 8; r < 16; ++r) set_region(r, 0.0f, -0.5f, kQuantMapSize - 1, 0);  // x > R_7: 255
+    for (int r = 8; r < 16; ++r) set_region(r, 0.0f, 0.0f, kQuantMapSize - 1, 0);  // x > R_7: 255
     for (int b = 0; b < 32; ++b) {
       const float lo = std::ldexp(1.0f, b - 24), hi = std::ldexp(1.0f, b - 23);
       binade_region[b] = 0;
@@ -124,15 +137,19 @@ struct alignas(64) RegisterMapTables {
   }
 
   // Lanes whose t is within kTieBand of an integer (or NaN) take the exact scalar path: about
-  // 0.2% of values spread over [-1, 1].
-  static constexpr float kTieBand = 1.0f / 1024.0f;
+  // 0.012% of values spread over [-1, 1] (one lane in ~30 blocks of 256; the fix-up loop's
+  // branches mispredict, so it pays to keep it rare). A sure lane's code is right when every
+  // inner midpoint's float t lies within kTieBand of its integer (t is monotone in |x|);
+  // build_decades asks for kTieBand / 2. bitsandbytes' maps: at most 1.53e-5 (an ulp of t
+  // near 255) against the 3.05e-5 asked for.
+  static constexpr float kTieBand = 1.0f / 16384.0f;
 
  private:
+  // offset: the line's offset less the first code; slope 0 (one code): t = first + 0.5.
   void set_region(int r, float slope, float offset, int first, int last) {
     region_slope[r] = slope;
-    region_offset[r] = offset;
-    region_first[r] = first;
-    region_last[r] = last;
+    region_offset[r] = slope == 0.0f ? -(float(first) + 0.5f) : offset;
+    region_top[r] = first + last;
   }
 };
 
@@ -152,6 +169,26 @@ inline constexpr BytePlaneOrder kBytePlaneOrder = byte_plane_order();
 // table at once): each byte of the map values is looked up as a byte plane, and the four
 // planes are interleaved back into floats; about a third of the operations of the vpermi2ps
 // path. Compiled for VBMI here and called only where the CPU has it (dispatch.cpp).
+// 64 codes at c to 64 floats at out (dequantize_byte_planes' loop body, no tail).
+__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes64(const uint8_t (&planes)[4][kQuantMapSize],
+                                                                            const uint8_t* __restrict__ c, __m512 s,
+                                                                            float* __restrict__ out) {
+  __m512i t[4][4];
+  for (int b = 0; b < 4; ++b)
+    for (int j = 0; j < 4; ++j) t[b][j] = _mm512_loadu_si512(planes[b] + 64 * j);
+  const __m512i code = _mm512_permutexvar_epi8(_mm512_load_si512(kBytePlaneOrder.bytes), _mm512_loadu_si512(c));
+  const __mmask64 high = _mm512_movepi8_mask(code);
+  __m512i byte[4];
+  for (int b = 0; b < 4; ++b)
+    byte[b] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[b][0], code, t[b][1]),
+                                     _mm512_permutex2var_epi8(t[b][2], code, t[b][3]));
+  const __m512i w01lo = _mm512_unpacklo_epi8(byte[0], byte[1]), w01hi = _mm512_unpackhi_epi8(byte[0], byte[1]);
+  const __m512i w23lo = _mm512_unpacklo_epi8(byte[2], byte[3]), w23hi = _mm512_unpackhi_epi8(byte[2], byte[3]);
+  const __m512i d[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
+                        _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
+  for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(d[k]), s));
+}
+
 __attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes(const uint8_t (&planes)[4][kQuantMapSize],
                                                                           const uint8_t* __restrict__ c, float scale,
                                                                           float* __restrict__ out, int n) {
@@ -202,6 +239,30 @@ class RegisterCodec {
     }
   }
 
+  // Whether adam_blocks can run (the byte-permute dequantizer).
+  bool fused_ok() const {
+    return byte_permutes_ && tables_[0].decades_valid && tables_[0].mirror != 0 && tables_[1].decades_valid &&
+           tables_[1].mirror == 0;
+  }
+
+  // Adam (not amsgrad) on fp32 params, round-to-nearest states, no telemetry: whole blocks
+  // [0, blocks) of a piece, as quantized_block does them one by one (the same operations on
+  // every value: bit-identical), but with the next block's codes dequantized inside this block's
+  // update loop and the previous block's codes found there too. The update is bound by the
+  // divider (sqrt and divide of 16 lanes: ~16 cycles, against ~11 of other vector work), the
+  // nearest-code search by the vector ports; one after the other (quantized_block's phases,
+  // each longer than the reorder window) the divider idles through the searches.
+  // prefetch(b): called before block b.
+  template <typename Prefetch>
+  void adam_blocks(float* __restrict__ param, const float* __restrict__ grad, uint8_t* __restrict__ c0,
+                   uint8_t* __restrict__ c1, float* __restrict__ a0, float* __restrict__ a1, int64_t blocks,
+                   const float* maps, const Adam::Scalars<float>& k, Prefetch prefetch) const {
+    if (k.coupled_wd != 0.0f)
+      adam_blocks_with<true>(param, grad, c0, c1, a0, a1, blocks, maps, k, prefetch);
+    else
+      adam_blocks_with<false>(param, grad, c0, c1, a0, a1, blocks, maps, k, prefetch);
+  }
+
   template <Precision PREC>
   void quantize(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
                 const RoundingKeys& keys) const {
@@ -213,6 +274,92 @@ class RegisterCodec {
   }
 
  private:
+  template <bool COUPLED, typename Prefetch>
+  __attribute__((target("avx512vbmi"))) void adam_blocks_with(
+      float* __restrict__ param, const float* __restrict__ grad, uint8_t* __restrict__ c0, uint8_t* __restrict__ c1,
+      float* __restrict__ a0, float* __restrict__ a1, int64_t blocks, const float* maps, const Adam::Scalars<float>& k,
+      Prefetch prefetch) const {
+    // Block j's states live in buf[j % 3] from its dequantization (during block j - 1's
+    // update) to its quantization (during block j + 1's update).
+    alignas(64) float buf[3][2][kQuantBlock];
+    dequantize_byte_planes(tables_[0].planes, c0, a0[0], buf[0][0], kQuantBlock);
+    dequantize_byte_planes(tables_[1].planes, c1, a1[0], buf[0][1], kQuantBlock);
+    const DecadeSearch<true> search0(tables_[0]);
+    const DecadeSearch<false, true> search1(tables_[1]);  // exp_avg_sq * (1 / absmax): >= +0 or NaN
+    const __m512i order = pack_order();
+    const __m512 grad_factor = _mm512_set1_ps(k.grad_factor), coupled_wd = _mm512_set1_ps(k.coupled_wd);
+    const __m512 decay = _mm512_set1_ps(k.decay_factor), one_minus_beta1 = _mm512_set1_ps(k.one_minus_beta1);
+    const __m512 beta2 = _mm512_set1_ps(k.beta2), one_minus_beta2 = _mm512_set1_ps(k.one_minus_beta2);
+    const __m512 step_size = _mm512_set1_ps(k.step_size), inv_bc2 = _mm512_set1_ps(k.inv_bias_correction2_sqrt);
+    const __m512 eps = _mm512_set1_ps(k.eps);
+    float inv[2] = {0.0f, 0.0f};  // 1 / absmax of the block being quantized
+    for (int64_t b = 0; b <= blocks; ++b) {
+      const bool update = b < blocks, next = b + 1 < blocks, quantize = b > 0;
+      if (update) prefetch(b);
+      float* __restrict__ m = buf[b % 3][0];
+      float* __restrict__ v = buf[b % 3][1];
+      float* __restrict__ p = param + b * kQuantBlock;
+      const float* __restrict__ g = grad + b * kQuantBlock;
+      const float* __restrict__ qm = buf[(b + 2) % 3][0];  // block b - 1
+      const float* __restrict__ qv = buf[(b + 2) % 3][1];
+      uint8_t* __restrict__ qc0 = c0 + (b - 1) * kQuantBlock;
+      uint8_t* __restrict__ qc1 = c1 + (b - 1) * kQuantBlock;
+      const __m512 next_scale0 = _mm512_set1_ps(next ? a0[b + 1] : 0.0f);
+      const __m512 next_scale1 = _mm512_set1_ps(next ? a1[b + 1] : 0.0f);
+      const __m512 qscale0 = _mm512_set1_ps(inv[0]), qscale1 = _mm512_set1_ps(inv[1]);
+      uint16_t unsure0[kQuantBlock / 16], unsure1[kQuantBlock / 16];
+      unsigned any0 = 0, any1 = 0;
+      __m512 max0 = _mm512_setzero_ps(), max1 = _mm512_setzero_ps();
+      for (int q = 0; q < kQuantBlock; q += 64) {
+        if (next) {
+          dequantize_byte_planes64(tables_[0].planes, c0 + (b + 1) * kQuantBlock + q, next_scale0,
+                                   buf[(b + 1) % 3][0] + q);
+          dequantize_byte_planes64(tables_[1].planes, c1 + (b + 1) * kQuantBlock + q, next_scale1,
+                                   buf[(b + 1) % 3][1] + q);
+        }
+        if (update) {
+          // Adam::update lane-wise, in its operation order (no contraction).
+          for (int i = q; i < q + 64; i += 16) {
+            __m512 pv = _mm512_loadu_ps(p + i);
+            __m512 gv = _mm512_mul_ps(_mm512_loadu_ps(g + i), grad_factor);
+            // Uncoupled, Adam adds 0, which only turns a -0 grad into +0; left out: g feeds only
+            // g * g (+0 either way) and m + (1 - beta1) * (g - m), the same for g = +-0 (g - m is
+            // -m for m != 0; for m = +-0 the sum is +0 either way).
+            if constexpr (COUPLED) gv = _mm512_add_ps(gv, _mm512_mul_ps(coupled_wd, pv));
+            pv = _mm512_mul_ps(pv, decay);
+            __m512 mv = _mm512_load_ps(m + i);
+            mv = _mm512_add_ps(mv, _mm512_mul_ps(one_minus_beta1, _mm512_sub_ps(gv, mv)));
+            __m512 vv = _mm512_add_ps(_mm512_mul_ps(beta2, _mm512_load_ps(v + i)),
+                                      _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gv, gv)));
+            const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vv), inv_bc2), eps);
+            pv = _mm512_sub_ps(pv, _mm512_mul_ps(step_size, _mm512_div_ps(mv, denom)));
+            _mm512_storeu_ps(p + i, pv);
+            _mm512_store_ps(m + i, mv);
+            _mm512_store_ps(v + i, vv);
+            // The absmax: a max is exact, so any order gives quantized_block's (NaN aside).
+            max0 = _mm512_max_ps(max0, _mm512_abs_ps(mv));
+            max1 = _mm512_max_ps(max1, vv);  // |vv| = vv: >= +0 or NaN
+          }
+        }
+        if (quantize) {
+          any0 |= nearest64(search0, order, qm + q, qscale0, qc0 + q, unsure0 + q / 16);
+          any1 |= nearest64(search1, order, qv + q, qscale1, qc1 + q, unsure1 + q / 16);
+        }
+      }
+      if (quantize) {
+        if (any0 != 0) fix_unsure<Precision::kPlain>(maps, 0, qm, inv[0], qc0, kQuantBlock, unsure0, nullptr);
+        if (any1 != 0) fix_unsure<Precision::kPlain>(maps, 1, qv, inv[1], qc1, kQuantBlock, unsure1, nullptr);
+      }
+      if (update) {
+        const float mx0 = _mm512_reduce_max_ps(max0), mx1 = _mm512_reduce_max_ps(max1);
+        a0[b] = mx0;
+        a1[b] = mx1;
+        inv[0] = mx0 > 0.0f ? 1.0f / mx0 : 0.0f;  // as quantized_block
+        inv[1] = mx1 > 0.0f ? 1.0f / mx1 : 0.0f;
+      }
+    }
+  }
+
   template <Precision PREC, typename Searcher>
   static void quantize_with(const Searcher& search, const RegisterMapTables& t, const float* maps, int k,
                             const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
@@ -242,7 +389,10 @@ class RegisterCodec {
         any_unsure |= unsure[i / 16];
       }
     } else {
-      for (int i = 0; i < n; i += 16) {
+      int i = 0;
+      const __m512i order = pack_order();
+      for (; i + 64 <= n; i += 64) any_unsure |= nearest64(search, order, v + i, scale, c + i, unsure + i / 16);
+      for (; i < n; i += 16) {
         const __mmask16 lanes = tail_mask(n - i);
         const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
         __mmask16 u;
@@ -251,7 +401,13 @@ class RegisterCodec {
         any_unsure |= unsure[i / 16];
       }
     }
-    if (any_unsure == 0) return;
+    if (any_unsure != 0) fix_unsure<PREC>(maps, k, v, inv, c, n, unsure, random);
+  }
+
+  // The lanes the search was unsure of, by quantize_code.
+  template <Precision PREC>
+  static void fix_unsure(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c,
+                         int n, const uint16_t* unsure, const uint32_t* random) {
     const float* map = quant_map(maps, k);
     const int32_t* base = quant_base(maps, k);
     const float* threshold = quant_threshold(maps, k);
@@ -262,6 +418,29 @@ class RegisterCodec {
         c[i] = uint8_t(PREC == Precision::kStochastic ? quantize_code<true>(map, base, threshold, x, random[i])
                                                       : quantize_code<false>(map, base, threshold, x, 0u));
       }
+  }
+
+  // Nearest codes of 64 values (v * scale): the four codes vectors packed to bytes by two packs
+  // and a dword permute (half the shuffle uops of four vpmovdb stores); unsure lanes per 16.
+  // Returns the union of the unsure masks.
+  static __m512i pack_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+  template <typename Searcher>
+  static __attribute__((always_inline)) unsigned nearest64(const Searcher& search, __m512i order,
+                                                           const float* __restrict__ v, __m512 scale,
+                                                           uint8_t* __restrict__ c, uint16_t* unsure) {
+    __m512i code[4];
+    unsigned any = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + 16 * q), scale);
+      __mmask16 u;
+      code[q] = search.nearest(x, u);
+      unsure[q] = uint16_t(u);
+      any |= u;
+    }
+    const __m512i bytes =
+        _mm512_packus_epi16(_mm512_packus_epi32(code[0], code[1]), _mm512_packus_epi32(code[2], code[3]));
+    _mm512_storeu_si512(c, _mm512_permutexvar_epi32(order, bytes));
+    return any;
   }
 
   static __mmask16 tail_mask(int left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
@@ -289,14 +468,17 @@ class RegisterCodec {
 
   // The nearest code (the number of midpoints below x) with no table search: |x|'s binade (a table of 32) and
   // one compare against the region boundary inside it give x's region, the region's line gives
-  // t, and the code is the region's first + clamp(floor(t), 0, last) (RegisterMapTables::
+  // t (the region's first code taken in), and the code is min(floor(t), top) (RegisterMapTables::
   // build_decades); a negative x mirrors. Lanes where that could be off by one (t within
   // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) come back in `unsure`,
   // for quantize_code.
-  template <bool MIRRORED>
+  // NONNEG (unsigned maps only): the caller's x are >= +0 or NaN (adam_blocks' exp_avg_sq),
+  // so no sign is cleared or tested.
+  template <bool MIRRORED, bool NONNEG = false>
   struct DecadeSearch {
+    static_assert(!(MIRRORED && NONNEG), "a mirrored map has negative codes");
     __m512 bound_lo, bound_hi, slope, offset;
-    __m512i region_lo, region_hi, first, last, mirror;
+    __m512i region_lo, region_hi, top, mirror;
 
     explicit DecadeSearch(const RegisterMapTables& t)
         : bound_lo(_mm512_loadu_ps(t.binade_bound)),
@@ -305,12 +487,12 @@ class RegisterCodec {
           offset(_mm512_loadu_ps(t.region_offset)),
           region_lo(_mm512_loadu_si512(t.binade_region)),
           region_hi(_mm512_loadu_si512(t.binade_region + 16)),
-          first(_mm512_loadu_si512(t.region_first)),
-          last(_mm512_loadu_si512(t.region_last)),
+          top(_mm512_loadu_si512(t.region_top)),
           mirror(_mm512_set1_epi32(t.mirror)) {}
 
     __m512i nearest(__m512 x, __mmask16& unsure) const {
-      const __m512i magnitude_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+      const __m512i magnitude_bits =
+          NONNEG ? _mm512_castps_si512(x) : _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
       const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
       // The binade: the exponent field less kBucketMinExponent, clamped to [0, 31] (a saturating
       // subtract on 16-bit halves whose upper half is 0).
@@ -321,15 +503,15 @@ class RegisterCodec {
       __m512i region = _mm512_permutex2var_epi32(region_lo, binade, region_hi);
       region = _mm512_mask_add_epi32(region, _mm512_cmp_ps_mask(magnitude, bound, _CMP_GT_OQ), region,
                                      _mm512_set1_epi32(1));
-      const __m512 t = _mm512_sub_ps(_mm512_mul_ps(magnitude, _mm512_permutexvar_ps(region, slope)),
-                                     _mm512_permutexvar_ps(region, offset));
+      const __m512 t = _mm512_fmsub_ps(magnitude, _mm512_permutexvar_ps(region, slope),
+                                       _mm512_permutexvar_ps(region, offset));
       // t - round(t) within kTieBand of 0, or NaN: not |t - round(t)| >= kTieBand.
       unsure = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)),
                                             _mm512_set1_ps(RegisterMapTables::kTieBand), _CMP_NGE_UQ);
-      // floor(t) >= 0: t >= t(lower boundary) >= 0 (build_decades checks the latter).
-      const __m512i inner = _mm512_min_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-                                             _mm512_permutexvar_epi32(region, last));
-      __m512i code = _mm512_add_epi32(_mm512_permutexvar_epi32(region, first), inner);
+      // floor(t) >= first: t >= t(lower boundary) >= first (build_decades checks the latter).
+      __m512i code = _mm512_min_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                      _mm512_permutexvar_epi32(region, top));
+      if constexpr (NONNEG) return code;  // (a -NaN: binade 31 by the clamp, t NaN, unsure)
       const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
       if constexpr (MIRRORED) {
         // max(mirror - code, 0), saturating on 16-bit halves (upper halves 0). The mirror is
