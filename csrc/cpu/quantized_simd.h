@@ -169,38 +169,14 @@ inline constexpr BytePlaneOrder kBytePlaneOrder = byte_plane_order();
 // table at once): each byte of the map values is looked up as a byte plane, and the four
 // planes are interleaved back into floats; about a third of the operations of the vpermi2ps
 // path. Compiled for VBMI here and called only where the CPU has it (dispatch.cpp).
-// 64 codes at c to 64 floats at out (dequantize_byte_planes' loop body, no tail).
-__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes64(const uint8_t (&planes)[4][kQuantMapSize],
-                                                                            const uint8_t* __restrict__ c, __m512 s,
-                                                                            float* __restrict__ out) {
-  __m512i t[4][4];
-  for (int b = 0; b < 4; ++b)
-    for (int j = 0; j < 4; ++j) t[b][j] = _mm512_loadu_si512(planes[b] + 64 * j);
-  const __m512i code = _mm512_permutexvar_epi8(_mm512_load_si512(kBytePlaneOrder.bytes), _mm512_loadu_si512(c));
-  const __mmask64 high = _mm512_movepi8_mask(code);
-  __m512i byte[4];
-  for (int b = 0; b < 4; ++b)
-    byte[b] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[b][0], code, t[b][1]),
-                                     _mm512_permutex2var_epi8(t[b][2], code, t[b][3]));
-  const __m512i w01lo = _mm512_unpacklo_epi8(byte[0], byte[1]), w01hi = _mm512_unpackhi_epi8(byte[0], byte[1]);
-  const __m512i w23lo = _mm512_unpacklo_epi8(byte[2], byte[3]), w23hi = _mm512_unpackhi_epi8(byte[2], byte[3]);
-  const __m512i d[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
-                        _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
-  for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(d[k]), s));
-}
-
-__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes(const uint8_t (&planes)[4][kQuantMapSize],
-                                                                          const uint8_t* __restrict__ c, float scale,
-                                                                          float* __restrict__ out, int n) {
-  __m512i t[4][4];
-  for (int b = 0; b < 4; ++b)
-    for (int j = 0; j < 4; ++j) t[b][j] = _mm512_loadu_si512(planes[b] + 64 * j);
-  const __m512i order = _mm512_load_si512(kBytePlaneOrder.bytes);
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int i = 0; i < n; i += 64) {
-    const int left = n - i;
-    const __mmask64 lanes = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-    const __m512i code = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(lanes, c + i));
+struct BytePlaneTables {
+  __m512i t[4][4];  // plane b, 64-byte quarter j
+  __attribute__((target("avx512vbmi"))) explicit BytePlaneTables(const uint8_t (&planes)[4][kQuantMapSize]) {
+    for (int b = 0; b < 4; ++b)
+      for (int j = 0; j < 4; ++j) t[b][j] = _mm512_loadu_si512(planes[b] + 64 * j);
+  }
+  // The map values of 64 codes (in kBytePlaneOrder) as four vectors of 16 floats' bits.
+  __attribute__((target("avx512vbmi"))) void lookup(__m512i code, __m512i (&d)[4]) const {
     const __mmask64 high = _mm512_movepi8_mask(code);  // code >= 128: the upper half of each plane
     __m512i byte[4];
     for (int b = 0; b < 4; ++b)
@@ -208,8 +184,34 @@ __attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes(const u
                                        _mm512_permutex2var_epi8(t[b][2], code, t[b][3]));
     const __m512i w01lo = _mm512_unpacklo_epi8(byte[0], byte[1]), w01hi = _mm512_unpackhi_epi8(byte[0], byte[1]);
     const __m512i w23lo = _mm512_unpacklo_epi8(byte[2], byte[3]), w23hi = _mm512_unpackhi_epi8(byte[2], byte[3]);
-    const __m512i d[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
-                          _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
+    d[0] = _mm512_unpacklo_epi16(w01lo, w23lo);
+    d[1] = _mm512_unpackhi_epi16(w01lo, w23lo);
+    d[2] = _mm512_unpacklo_epi16(w01hi, w23hi);
+    d[3] = _mm512_unpackhi_epi16(w01hi, w23hi);
+  }
+};
+
+// 64 codes at c to 64 floats at out (dequantize_byte_planes' loop body, no tail).
+__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes64(const uint8_t (&planes)[4][kQuantMapSize],
+                                                                            const uint8_t* __restrict__ c, __m512 s,
+                                                                            float* __restrict__ out) {
+  const BytePlaneTables tables(planes);
+  __m512i d[4];
+  tables.lookup(_mm512_permutexvar_epi8(_mm512_load_si512(kBytePlaneOrder.bytes), _mm512_loadu_si512(c)), d);
+  for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(d[k]), s));
+}
+
+__attribute__((target("avx512vbmi"))) inline void dequantize_byte_planes(const uint8_t (&planes)[4][kQuantMapSize],
+                                                                          const uint8_t* __restrict__ c, float scale,
+                                                                          float* __restrict__ out, int n) {
+  const BytePlaneTables tables(planes);
+  const __m512i order = _mm512_load_si512(kBytePlaneOrder.bytes);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; i += 64) {
+    const int left = n - i;
+    const __mmask64 lanes = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    __m512i d[4];
+    tables.lookup(_mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(lanes, c + i)), d);
     for (int k = 0; k < 4; ++k) {
       const int rest = left - 16 * k;
       if (rest <= 0) break;
