@@ -112,21 +112,25 @@ void sam_perturb(const Int64Array& params, const Int64Array& saved, const Int64A
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
-void check_codec_state(int state) {
+// The checks both codec directions share, and the call they fill in for the 1-D `array`.
+template <typename Array>
+CodecCall codec_call(const char* name, const char* array_name, int64_t maps, const Array& array, int state) {
   if (state < 0 || state > 2) throw std::invalid_argument("fusedopt: codec state must be 0, 1 or 2");
+  if (maps == 0) throw std::invalid_argument(std::string("fusedopt: ") + name + " needs the maps (maps)");
+  if (array.ndim() != 1)
+    throw std::invalid_argument(std::string("fusedopt: ") + name + " takes a 1-D " + array_name + " array");
+  CodecCall call;
+  call.maps = reinterpret_cast<const float*>(maps);
+  call.state = state;
+  call.n = array.shape(0);
+  return call;
 }
 
 // The 8-bit codec of the kernels in use on a 1-D array (tests/test_quantized_codec.py).
 ByteArray quantize_codes(int64_t maps, const FloatArray& values, int state, bool stochastic, uint32_t key_a,
                          uint32_t key_b) {
-  check_codec_state(state);
-  if (maps == 0) throw std::invalid_argument("fusedopt: quantize_codes needs the maps (maps)");
-  if (values.ndim() != 1) throw std::invalid_argument("fusedopt: quantize_codes takes a 1-D values array");
-  ByteArray codes(values.shape(0));
-  CodecCall call;
-  call.maps = reinterpret_cast<const float*>(maps);
-  call.state = state;
-  call.n = values.shape(0);
+  CodecCall call = codec_call("quantize_codes", "values", maps, values, state);
+  ByteArray codes(call.n);
   call.values = values.data();
   call.codes = codes.mutable_data();
   call.stochastic = stochastic;
@@ -137,14 +141,8 @@ ByteArray quantize_codes(int64_t maps, const FloatArray& values, int state, bool
 }
 
 FloatArray dequantize_codes(int64_t maps, const ByteArray& codes, int state, float scale) {
-  check_codec_state(state);
-  if (maps == 0) throw std::invalid_argument("fusedopt: dequantize_codes needs the maps (maps)");
-  if (codes.ndim() != 1) throw std::invalid_argument("fusedopt: dequantize_codes takes a 1-D codes array");
-  FloatArray out(codes.shape(0));
-  CodecCall call;
-  call.maps = reinterpret_cast<const float*>(maps);
-  call.state = state;
-  call.n = codes.shape(0);
+  CodecCall call = codec_call("dequantize_codes", "codes", maps, codes, state);
+  FloatArray out(call.n);
   call.codes_in = codes.data();
   call.dequantized = out.mutable_data();
   call.scale = scale;

@@ -1,9 +1,9 @@
 // One-step inputs read from elsewhere (tensor_table.h: kColParamFrom .. kColGradMixWeight)
-// and outputs saved elsewhere (kColExtraTo .. kColState2To), applied to one piece of a tensor
-// right before the step runs over it. The piece (at most one
-// chunk, 32K elements) is then in cache when the step reads it, so a restore costs the step
-// one more read stream instead of a separate copy pass over memory, and SAM's grad mix never
-// goes to memory at all.
+// and outputs saved elsewhere (kColExtraTo .. kColState2To), applied to each sub-piece of a
+// tensor (kInputSubPiece elements) right before the step runs over it, while it is in L1: a
+// restore or a save costs the step one more stream instead of a separate copy pass over
+// memory, and SAM's grad mix never goes to memory at all. (8-bit buckets restore whole pieces,
+// at most one chunk: restore() below.)
 #pragma once
 #include <cstring>
 #include <vector>

@@ -36,6 +36,14 @@ def average_(avgs: list[torch.Tensor], srcs: list[torch.Tensor], weight: float) 
 
 
 
+def cpu_sum_squares(ptrs: np.ndarray, numels: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of squares (float64, a 0-dim CPU tensor) of dense CPU tensors of one dtype given by
+    their addresses and element counts: one multi-threaded pass of the CPU kernels, the same
+    bits for any thread count."""
+    return torch.tensor(B._C.sum_squares(ptrs, numels, B.TORCH_DTYPE_CODES[dtype], B.num_threads()),
+                        dtype=torch.float64)
+
+
 def copy_(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     """dst.copy_(src) for each pair of the same shape, dtype, device and dense layout (contiguous
     or the same permutation of it); bit for bit. CPU pairs go through one call of the CPU

@@ -11,6 +11,7 @@ import torch
 
 from . import _backend as B
 from . import _compile
+from . import _multi_tensor
 from . import _quantization as Q
 from . import _distributed as D
 from . import _step_inputs as SI
@@ -559,13 +560,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not b.counted:  # DTensor shards another rank counts (replicas, _distributed.py)
                 sums.append(torch.zeros((), dtype=torch.float64, device=b.device))
                 continue
-            code = B.TORCH_DTYPE_CODES[b.param_dtype]
             ptrs = np.ascontiguousarray(b.table[:, B.COL_GRAD])
             numels = np.ascontiguousarray(b.table[:, B.COL_NUMEL])
             if b.device.type == "cpu":
-                sums.append(torch.tensor(B._C.sum_squares(ptrs, numels, code, B.num_threads()), dtype=torch.float64))
+                sums.append(_multi_tensor.cpu_sum_squares(ptrs, numels, b.param_dtype))
             else:
-                sums.append(_cuda_sum_squares(b, ptrs, numels, code))
+                sums.append(_cuda_sum_squares(b, ptrs, numels, B.TORCH_DTYPE_CODES[b.param_dtype]))
         home = plan.buckets[0].device
         total = torch.stack([s.to(home, dtype=torch.float64) for s in sums]).sum()
         total = D.all_reduce_sums(total, plan.mesh)  # DTensor shards: sum over the mesh

@@ -176,8 +176,7 @@ class SAM(torch.optim.Optimizer):
             if not b.adaptive and one_pass:
                 ptrs = np.asarray([g.data_ptr() for g in b.grads], np.int64)
                 numels = np.asarray([g.numel() for g in b.grads], np.int64)
-                code = B.TORCH_DTYPE_CODES[b.params[0].dtype]
-                sums.append(torch.tensor(B._C.sum_squares(ptrs, numels, code, B.num_threads()), dtype=torch.float64))
+                sums.append(_multi_tensor.cpu_sum_squares(ptrs, numels, b.params[0].dtype))
                 continue
             low = b.params[0].dtype in (torch.float16, torch.bfloat16)
             norms = torch.stack(torch._foreach_norm(vectors, 2, dtype=torch.float32 if low else None))
