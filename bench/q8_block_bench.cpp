@@ -1,6 +1,7 @@
 // Microbenchmark of the 8-bit AdamW block step (quantized.h: quantized_block) of the AVX-512
-// build, single-threaded on in-cache data, per phase: TSC cycles per element. Not part of the
-// library build; compile by hand (see bench/q8_block_bench.sh):
+// build (or, built with ISA=avx2, the AVX2 build's: no fused loop or streaming mode there),
+// single-threaded on in-cache data, per phase: TSC cycles per element. Not part of the library
+// build; compile by hand (see bench/q8_block_bench.sh):
 //   g++ -O3 -fopenmp -fno-math-errno -fno-trapping-math -ffp-contract=off -mavx512f -mavx512bw
 //       -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512 -DFUSEDOPT_ISA=avx512
 //       -Icsrc bench/q8_block_bench.cpp -o /tmp/q8_block_bench
@@ -46,14 +47,16 @@ double cycles_per_element(F f, int reps = 200) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<float> maps(51712);
+  std::vector<float> maps(kQuantMapsFloats);
   FILE* f = std::fopen(argc > 1 ? argv[1] : "/tmp/q8bench/maps.bin", "rb");
   if (!f || std::fread(maps.data(), 4, maps.size(), f) != maps.size()) {
     std::fprintf(stderr, "maps?\n");
     return 1;
   }
   std::fclose(f);
+#if defined(FUSEDOPT_QUANT_AVX512)
   g_byte_permutes = argc > 2 ? std::atoi(argv[2]) != 0 : true;
+#endif
   const auto codec = quant_codec(maps.data());
 
   std::mt19937 rng(1);
@@ -190,6 +193,7 @@ int main(int argc, char** argv) {
           scalars, keys, runner, codec);
     }
   }, 50);
+#if defined(FUSEDOPT_QUANT_AVX512)  // the streaming and fused-loop parts: adam_blocks
   if (argc > 3) {  // streaming: argv[3..] = prefetch distances in blocks (0: none), interleaved, 41.7M elements
     const int64_t big = 41.7e6 / kQuantBlock * kQuantBlock;
     const int64_t nb = big / kQuantBlock;
@@ -279,6 +283,7 @@ int main(int argc, char** argv) {
     }, 50);
   }
   std::printf("fused block loop %.2f\n", fused);
+#endif
   std::printf("dequant m %.2f  dequant v %.2f  update %.2f  absmax(m+v) %.2f  quant m %.2f  quant v %.2f  "
               "sum %.2f  whole block %.2f\n",
               dm, dv, up, am, qm, qv, dm + dv + up + am + qm + qv, whole);

@@ -75,6 +75,20 @@ def test_bucket_tables_give_the_nearest_code():
         assert tie.float().mean() < 0.01
 
 
+def test_packed_tables_refuse_maps_they_cannot_encode():
+    """nearest_code_packed (quantized.h) relies on the signed map mirroring its positive
+    midpoints and on the unsigned map's midpoints all being positive; _quantization checks both
+    when it builds the tables (the codes themselves: tests/test_quantized_codec.py, every ISA)."""
+    assert Q.packed_table(SIGNED, True).shape == (25 * 256,)
+    assert Q.packed_table(UNSIGNED, False).shape == (25 * 256,)
+    lopsided = SIGNED.clone()
+    lopsided[3] *= 0.999  # one negative value no longer mirrors its positive twin
+    with pytest.raises(AssertionError, match="symmetric"):
+        Q.packed_table(lopsided, True)
+    with pytest.raises(AssertionError, match="at or below 0"):
+        Q.packed_table(SIGNED, False)  # the signed map as an unsigned one
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_step_codes_are_the_nearest_and_params_use_the_fp32_moments(dtype):
     torch.manual_seed(0)

@@ -5,7 +5,8 @@
 // exp_avg, momentum_buffer — the unsigned one for the others — exp_avg_sq, max_exp_avg_sq).
 // The maps are built in Python (fusedopt/_quantization.py, checked against bitsandbytes) and
 // handed to the kernels as one buffer: 512 floats (signed map, unsigned map), then for each
-// map the bucket tables of quantize_code.
+// map the bucket tables of quantize_code, then for each map its packed bucket table
+// (nearest_code_packed).
 //
 // A step over one block: dequantize every state into fp32 locals, run the algorithm's
 // step_element on them (the param update uses these fp32 moments, before requantization, as
@@ -60,6 +61,17 @@ FUSEDOPT_HD const float* quant_threshold(const float* maps, int k) {
   return maps + 2 * kQuantMapSize + (k == 0 ? 0 : 2 * kBuckets) + kBuckets;
 }
 
+// After both maps' bucket tables, per map kBucketsPerSign packed entries of the positive
+// buckets: base code << 16 | the threshold's low 15 bits folded as 0xFFFF - bits (0x7FFF where
+// the bucket holds no threshold). nearest_code_packed reads one of them where quantize_code
+// reads two.
+FUSEDOPT_HD const uint32_t* quant_packed(const float* maps, int k) {
+  return reinterpret_cast<const uint32_t*>(maps + 2 * kQuantMapSize + 4 * kBuckets + (k == 0 ? 0 : kBucketsPerSign));
+}
+
+// The whole buffer, in floats (the sections above).
+constexpr int kQuantMapsFloats = 2 * kQuantMapSize + 4 * kBuckets + 2 * kBucketsPerSign;
+
 FUSEDOPT_HD int bucket_of(float x) {
   const uint32_t u = float_bits(x);
   const int e = int((u >> 23) & 0xFFu) - kBucketMinExponent;
@@ -67,10 +79,22 @@ FUSEDOPT_HD int bucket_of(float x) {
   return int(u >> 31) * kBucketsPerSign + in_sign;
 }
 
+// The stochastic code of x given its nearest code: between the neighbouring codes lo <= x <
+// hi, hi with probability (x - map[lo]) / (map[hi] - map[lo]), drawn from 16 random bits.
+FUSEDOPT_HD int stochastic_code(const float* map, float x, int nearest, uint32_t random16) {
+  constexpr int kLast = kQuantMapSize - 1;
+  int lo = nearest - int(x < map[nearest]);
+  lo = lo < 0 ? 0 : lo;
+  const int hi = lo < kLast ? lo + 1 : kLast;
+  const float below = x - map[lo], above = map[hi] - x;
+  // P(up) = below / (below + above); u uniform in [0, 1) on 16 bits.
+  const float u = float(random16 & 0xFFFFu) * (1.0f / 65536.0f);
+  return lo + (int(below > 0.0f) & int(u * (below + above) < below) & int(hi != lo));
+}
+
 // The code for the normalized value x (x = value * (1 / absmax), in [-1, 1]). Nearest: the
 // number of the map's midpoints (float32 of (map[c] + map[c+1]) / 2) below x. Stochastic:
-// between the neighbouring codes lo <= x < hi, hi with probability (x - map[lo]) / (map[hi] -
-// map[lo]), drawn from 16 random bits. Branch-free (selects only), so the CPU loop vectorizes.
+// stochastic_code. Branch-free (selects only), so the CPU loop vectorizes.
 template <bool STOCHASTIC>
 FUSEDOPT_HD int quantize_code(const float* map, const int32_t* base, const float* threshold, float x,
                               uint32_t random16) {
@@ -81,22 +105,40 @@ FUSEDOPT_HD int quantize_code(const float* map, const int32_t* base, const float
     (void)random16;
     return nearest;
   } else {
-    constexpr int kLast = kQuantMapSize - 1;
-    int lo = nearest - int(x < map[nearest]);
-    lo = lo < 0 ? 0 : lo;
-    const int hi = lo < kLast ? lo + 1 : kLast;
-    const float below = x - map[lo], above = map[hi] - x;
-    // P(up) = below / (below + above); u uniform in [0, 1) on 16 bits.
-    const float u = float(random16 & 0xFFFFu) * (1.0f / 65536.0f);
-    return lo + (int(below > 0.0f) & int(u * (below + above) < below) & int(hi != lo));
+    return stochastic_code(map, x, nearest, random16);
   }
 }
 
+// quantize_code<false> with one table read instead of two. |x|'s bucket is the same as
+// bucket_of's positive one; inside it x and its threshold share sign, exponent and top 8
+// mantissa bits, so x > threshold compares their low 15 bits, and packed = base << 16 |
+// (0xFFFF - threshold's low 15 bits) carries into bit 16 exactly when it holds: the sum with
+// x's low 15 bits is the code. A bucket with no threshold stores 0x7FFF, which never carries
+// (even with the +1 below). Negative x: the signed map (mirrored) is symmetric about 0 apart
+// from its last midpoint (_quantization.packed_tables checks it), which makes code(-a) =
+// max(254 - #{midpoints <= a}, 0), the count taken with +1 (>= instead of >); every midpoint of
+// the unsigned map is positive, so a negative x (and -0) has code 0. NaN and inf land in the
+// last bucket as in bucket_of. The same codes as quantize_code<false> bit for bit
+// (tests/test_quantized_codec.py, every ISA).
+FUSEDOPT_HD int nearest_code_packed(const uint32_t* packed, bool mirrored, float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  const uint32_t top = magnitude >> 15;  // exponent << 8 | top 8 mantissa bits
+  constexpr uint32_t kFirst = uint32_t(kBucketMinExponent) << 8;
+  uint32_t b = top > kFirst ? top - kFirst : 0u;
+  b = b < uint32_t(kBucketsPerSign - 1) ? b : uint32_t(kBucketsPerSign - 1);
+  const uint32_t negative = u >> 31;
+  const int count = int((packed[b] + (magnitude & 0x7FFFu) + negative) >> 16);
+  const int mirror = 254 - count > 0 ? 254 - count : 0;
+  return negative == 0u ? count : (mirrored ? mirror : 0);
+}
+
 // The table reads of quantized_block, for one state k over the block's n elements: codes to
-// values (map[c] * scale) and values to codes (quantize_code of v * inv; under stochastic
-// rounding with the element's random bits, as step_element draws them). This one reads the
-// tables element by element (vectorized to gathers on the CPU); the CPU's AVX-512 build
-// passes its own codec with the same results (cpu/quantized_simd.h).
+// values (map[c] * scale) and values to codes (nearest_code_packed of v * inv, then under
+// stochastic rounding stochastic_code with the element's random bits, as step_element draws
+// them: quantize_code's codes). This one reads the tables element by element (vectorized to
+// gathers on the CPU); the CPU's AVX-512 build passes its own codec with the same results
+// (cpu/quantized_simd.h).
 struct TableCodec {
   void dequantize(const float* maps, int k, const uint8_t* __restrict__ c, float scale, float* __restrict__ out,
                   int n) const {
@@ -109,17 +151,18 @@ struct TableCodec {
   void quantize(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
                 const RoundingKeys& keys) const {
     const float* __restrict__ map = quant_map(maps, k);
-    const int32_t* __restrict__ base = quant_base(maps, k);
-    const float* __restrict__ threshold = quant_threshold(maps, k);
+    const uint32_t* __restrict__ packed = quant_packed(maps, k);
+    const bool mirrored = k == 0;  // the signed map
     const uint32_t shift = k == 2 ? 16 : 0;  // random bits: state 0 a >> 16, state 1 b, state 2 b >> 16
     FUSEDOPT_SIMD
     for (int i = 0; i < n; ++i) {
       const float x = v[i] * inv;
+      const int nearest = nearest_code_packed(packed, mirrored, x);
       if constexpr (PREC == Precision::kStochastic) {
         const ElementRandom r = element_random<PREC>(keys, i, true);
-        c[i] = uint8_t(quantize_code<true>(map, base, threshold, x, k == 0 ? r.a >> 16 : r.b >> shift));
+        c[i] = uint8_t(stochastic_code(map, x, nearest, k == 0 ? r.a >> 16 : r.b >> shift));
       } else {
-        c[i] = uint8_t(quantize_code<false>(map, base, threshold, x, 0u));
+        c[i] = uint8_t(nearest);
       }
     }
   }

@@ -82,17 +82,47 @@ def bucket_tables(qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return base.to(torch.int32), threshold
 
 
+def packed_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
+    """quantized.h's packed entries of the positive buckets (nearest_code_packed), as int32:
+    ``base << 16 | (0xFFFF - threshold's low 15 bits)``, ``0x7FFF`` where the bucket holds no
+    threshold. Checks what that function relies on: each threshold lies in its own bucket
+    (same exponent and top 8 mantissa bits), the first bucket (which also takes every value
+    below 2^-24) and the last (every value from 2) hold none, and the signed map's negative
+    midpoints mirror its positive ones but the last (127 of them), the unsigned map's are all
+    positive."""
+    mids = midpoints(qmap)
+    base, threshold = bucket_tables(qmap)
+    n = _BINADES * 256
+    base, threshold = base[:n].to(torch.int64), threshold[:n]
+    has = torch.isfinite(threshold)
+    bits = threshold.view(torch.int32).to(torch.int64)
+    bucket = (bits >> 15) - (_BUCKET_MIN_EXPONENT << 8)
+    if not bool((bucket[has] == torch.arange(n)[has]).all()) or bool(has[0]) or bool(has[-1]):
+        raise AssertionError("a quantization threshold lies outside its packed bucket")
+    negative = int((mids < 0).sum())
+    if signed:
+        if negative != 127 or not torch.equal(mids[:127].flip(0), -mids[127:254]):
+            raise AssertionError("the signed map is not symmetric as nearest_code_packed assumes")
+    elif negative != 0 or float(mids[0]) == 0.0:
+        raise AssertionError("the unsigned map has a midpoint at or below 0")
+    low = torch.where(has, 0xFFFF - (bits & 0x7FFF), torch.full_like(bits, 0x7FFF))
+    return ((base << 16) | low).to(torch.int32)
+
+
 def maps(device: torch.device) -> torch.Tensor:
     """The kernels' qmaps buffer on `device`: the signed then the unsigned map (512 float32
     values), then per map its bucket tables (int32 base codes, float32 thresholds;
-    quantized.h), as one float32 tensor."""
+    quantized.h), then per map its packed bucket table (int32), as one float32 tensor."""
     key = str(device)
     t = _MAPS.get(key)
     if t is None:
-        parts = [dynamic_map(True), dynamic_map(False)]
-        for qmap in parts[:2]:
+        qmaps = [dynamic_map(True), dynamic_map(False)]
+        parts = list(qmaps)
+        for qmap in qmaps:
             base, threshold = bucket_tables(qmap)
             parts += [base.view(torch.float32), threshold]
+        for qmap, signed in zip(qmaps, (True, False)):
+            parts.append(packed_table(qmap, signed).view(torch.float32))
         t = _MAPS[key] = torch.cat(parts).to(device)
     return t
 
