@@ -194,7 +194,8 @@ int main(int argc, char** argv) {
     }
   }, 50);
 #if defined(FUSEDOPT_QUANT_AVX512)  // the streaming and fused-loop parts: adam_blocks
-  if (argc > 3) {  // streaming: argv[3..] = prefetch distances in blocks (0: none), interleaved, 41.7M elements
+  if (argc > 3) {  // streaming, 41.7M elements: argv[3..] = "f" (adam_blocks, its own page kicks) or a prefetch
+                   // distance in blocks for quantized_block (0: none), interleaved
     const int64_t big = 41.7e6 / kQuantBlock * kQuantBlock;
     const int64_t nb = big / kQuantBlock;
     std::vector<float> P(big), G(big), A0(nb), A1(nb);
@@ -203,7 +204,7 @@ int main(int argc, char** argv) {
     for (int64_t b = 0; b < nb; ++b) A0[b] = d.absmax0[b % kBlocks], A1[b] = d.absmax1[b % kBlocks];
     for (int rep = 0; rep < 5 * (argc - 3); ++rep) {
       const char* arg = argv[3 + rep % (argc - 3)];
-      const bool fused_loop = arg[0] == 'f';  // "f2": adam_blocks, prefetching 2 blocks ahead
+      const bool fused_loop = arg[0] == 'f';
       const int dist = std::atoi(arg + fused_loop);
       const uint64_t t0 = __rdtsc();
       if (fused_loop) {
@@ -211,18 +212,7 @@ int main(int argc, char** argv) {
         for (int64_t e0 = 0; e0 < big; e0 += kPiece) {
           const int64_t e1 = std::min(big, e0 + kPiece), blocks = (e1 - e0) / kQuantBlock;
           codec.adam_blocks(P.data() + e0, G.data() + e0, C0.data() + e0, C1.data() + e0, A0.data() + e0 / kQuantBlock,
-                            A1.data() + e0 / kQuantBlock, blocks, mp, scalars, [&](int64_t j) {
-                              const int64_t f = e0 + (j + dist) * kQuantBlock;
-                              if (dist == 0 || f >= e1) return;
-                              for (int l = 0; l < kQuantBlock; l += 16) {
-                                __builtin_prefetch(P.data() + f + l, 1);
-                                __builtin_prefetch(G.data() + f + l, 0);
-                              }
-                              for (int l = 0; l < kQuantBlock; l += 64) {
-                                __builtin_prefetch(C0.data() + f + l, 1);
-                                __builtin_prefetch(C1.data() + f + l, 1);
-                              }
-                            });
+                            A1.data() + e0 / kQuantBlock, blocks, mp, scalars);
         }
       }
       for (int64_t b = 0; b < nb && !fused_loop; ++b) {
@@ -270,7 +260,7 @@ int main(int argc, char** argv) {
             sc, keys, runner, codec);
       }
       codec.adam_blocks(y.param.data(), y.grad.data(), y.c0.data(), y.c1.data(), y.absmax0.data(), y.absmax1.data(),
-                        kBlocks, mp, sc, [](int64_t) {});
+                        kBlocks, mp, sc);
     }
     const bool same = std::memcmp(x.param.data(), y.param.data(), kN * 4) == 0 && x.c0 == y.c0 && x.c1 == y.c1 &&
                       std::memcmp(x.absmax0.data(), y.absmax0.data(), kBlocks * 4) == 0 &&
@@ -279,7 +269,7 @@ int main(int argc, char** argv) {
                 same ? "bit-identical" : "DIFFERENT");
     fused = cycles_per_element([&] {
       codec.adam_blocks(y.param.data(), y.grad.data(), y.c0.data(), y.c1.data(), y.absmax0.data(), y.absmax1.data(),
-                        kBlocks, mp, scalars, [](int64_t) {});
+                        kBlocks, mp, scalars);
     }, 50);
   }
   std::printf("fused block loop %.2f\n", fused);

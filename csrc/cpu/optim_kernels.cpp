@@ -17,6 +17,7 @@
 #include "../fusedopt/step_dispatch.h"
 #include "adam_bf16_avx2.h"
 #include "multi_tensor_cpu.h"
+#include "page_kick.h"
 #include "quantized_simd.h"
 #include "step_call.h"
 #include "step_inputs.h"
@@ -250,30 +251,17 @@ void algorithm_loop(const StepCall& call) {
   });
 }
 
-// How many blocks ahead quantized_loop prefetches. Each block is dequantized, updated and
-// requantized in a few hundred nanoseconds of vector work; without prefetches the next block's
-// misses only start when its loads issue. bench/q8_block_bench.cpp's streaming mode (41.7M
-// elements, one thread, the shared Xeon under other engineers' load, so only roughly):
-// quantized_block ~10 TSC cycles/element without, ~9 with 1-2 blocks ahead (3.6 in cache);
-// the fused Adam loop (quantized_simd.h: adam_blocks) ~4.0 at best with or without, its noise
-// larger than any difference. Streams: param (read, then written: prefetchw), grad, each
-// state's codes.
-constexpr int64_t kQuantPrefetch = 2;
-
+// The page kicks (page_kick.h) of the block of kQuantBlock elements at `at`: param, grad and
+// each state's codes. They replaced prefetches of whole blocks 2 ahead, which did nothing
+// measurable for the fused Adam loop; GPT-2 41.7M AdamW 8-bit step, interleaved runs on this
+// Xeon: fused loop (AVX-512) 31.1-33.4 -> 28.0-29.7 ms, AVX2 build (quantized_block) 47.8-48.5
+// -> 45.0-45.7 ms (the kicks alone; with the block prefetches as well 47.0-48.1).
 template <class A, typename P, bool V>
-__attribute__((always_inline)) inline void prefetch_block(const int64_t* row, const P* grad_at_b, int64_t ahead) {
-  constexpr int kLine = 64;
-  const char* param = reinterpret_cast<const char*>(column_ptr<P>(row, kColParam, ahead));
-  const char* grad = reinterpret_cast<const char*>(grad_at_b + kQuantPrefetch * kQuantBlock);
-  for (int l = 0; l < int(kQuantBlock * sizeof(P)); l += kLine) {
-    __builtin_prefetch(param + l, 1);
-    __builtin_prefetch(grad + l, 0);
-  }
+__attribute__((always_inline)) inline void kick_block(const int64_t* row, const P* grad_at_b, int64_t at) {
+  kick_next_page(column_ptr<P>(row, kColParam, at), kQuantBlock * sizeof(P));
+  kick_next_page(grad_at_b, kQuantBlock * sizeof(P));
   constexpr int kStates = A::template kStates<V>;
-  for (int k = 0; k < kStates; ++k) {
-    const char* codes = reinterpret_cast<const char*>(column_ptr<q8_t>(row, kColState0 + k, ahead));
-    for (int l = 0; l < kQuantBlock; l += kLine) __builtin_prefetch(codes + l, 1);
-  }
+  for (int k = 0; k < kStates; ++k) kick_next_page(column_ptr<q8_t>(row, kColState0 + k, at), kQuantBlock);
 }
 
 // The same step for a bucket whose states are 8-bit codes (quantized.h): the tensors are laid
@@ -319,21 +307,14 @@ void quantized_loop(const StepCall& call) {
           codec.adam_blocks(column_ptr<float>(row, kColParam, begin), piece_grad,
                             column_ptr<uint8_t>(row, kColState0, begin), column_ptr<uint8_t>(row, kColState1, begin),
                             column_ptr<float>(row, kColAbsmax0, begin / kQuantBlock),
-                            column_ptr<float>(row, kColAbsmax1, begin / kQuantBlock), blocks, maps, plan.scalars,
-                            [&](int64_t j) {
-                              const int64_t at = begin + j * kQuantBlock;
-                              if (at + kQuantPrefetch * kQuantBlock < end)
-                                prefetch_block<A, P, V>(row, piece_grad + (at - begin),
-                                                        at + kQuantPrefetch * kQuantBlock);
-                            });
+                            column_ptr<float>(row, kColAbsmax1, begin / kQuantBlock), blocks, maps, plan.scalars);
           b += blocks * kQuantBlock;
         }
       }
 #endif
       for (; b < end; b += kQuantBlock) {
         const int n = int(end - b < kQuantBlock ? end - b : kQuantBlock);
-        if (b + kQuantPrefetch * kQuantBlock < end)
-          prefetch_block<A, P, V>(row, piece_grad + (b - begin), b + kQuantPrefetch * kQuantBlock);
+        kick_block<A, P, V>(row, piece_grad + (b - begin), b);
         q8_t* const codes[3] = {column_ptr<q8_t>(row, kColState0, b), column_ptr<q8_t>(row, kColState1, b),
                                 column_ptr<q8_t>(row, kColState2, b)};
         float* const absmax[3] = {column_ptr<float>(row, kColAbsmax0, b / kQuantBlock),

@@ -31,6 +31,7 @@
 
 #include "../fusedopt/adam.h"
 #include "../fusedopt/quantized.h"
+#include "page_kick.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define FUSEDOPT_QUANT_AVX512 1
@@ -257,16 +258,15 @@ class RegisterCodec {
   // update loop and the previous block's codes found there too. The update is bound by the
   // divider (sqrt and divide of 16 lanes: ~16 cycles, against ~11 of other vector work), the
   // nearest-code search by the vector ports; one after the other (quantized_block's phases,
-  // each longer than the reorder window) the divider idles through the searches.
-  // prefetch(b): called before block b.
-  template <typename Prefetch>
+  // each longer than the reorder window) the divider idles through the searches. Each block
+  // kicks the hardware prefetcher on the pages its streams reach next (page_kick.h).
   void adam_blocks(float* __restrict__ param, const float* __restrict__ grad, uint8_t* __restrict__ c0,
                    uint8_t* __restrict__ c1, float* __restrict__ a0, float* __restrict__ a1, int64_t blocks,
-                   const float* maps, const Adam::Scalars<float>& k, Prefetch prefetch) const {
+                   const float* maps, const Adam::Scalars<float>& k) const {
     if (k.coupled_wd != 0.0f)
-      adam_blocks_with<true>(param, grad, c0, c1, a0, a1, blocks, maps, k, prefetch);
+      adam_blocks_with<true>(param, grad, c0, c1, a0, a1, blocks, maps, k);
     else
-      adam_blocks_with<false>(param, grad, c0, c1, a0, a1, blocks, maps, k, prefetch);
+      adam_blocks_with<false>(param, grad, c0, c1, a0, a1, blocks, maps, k);
   }
 
   template <Precision PREC>
@@ -280,11 +280,11 @@ class RegisterCodec {
   }
 
  private:
-  template <bool COUPLED, typename Prefetch>
+  template <bool COUPLED>
   __attribute__((target("avx512vbmi"))) void adam_blocks_with(
       float* __restrict__ param, const float* __restrict__ grad, uint8_t* __restrict__ c0, uint8_t* __restrict__ c1,
-      float* __restrict__ a0, float* __restrict__ a1, int64_t blocks, const float* maps, const Adam::Scalars<float>& k,
-      Prefetch prefetch) const {
+      float* __restrict__ a0, float* __restrict__ a1, int64_t blocks, const float* maps,
+      const Adam::Scalars<float>& k) const {
     // Block j's states live in buf[j % 3] from its dequantization (during block j - 1's
     // update) to its quantization (during block j + 1's update).
     alignas(64) float buf[3][2][kQuantBlock];
@@ -301,11 +301,16 @@ class RegisterCodec {
     float inv[2] = {0.0f, 0.0f};  // 1 / absmax of the block being quantized
     for (int64_t b = 0; b <= blocks; ++b) {
       const bool update = b < blocks, next = b + 1 < blocks, quantize = b > 0;
-      if (update) prefetch(b);
       float* __restrict__ m = buf[b % 3][0];
       float* __restrict__ v = buf[b % 3][1];
       float* __restrict__ p = param + b * kQuantBlock;
       const float* __restrict__ g = grad + b * kQuantBlock;
+      if (update) {
+        kick_next_page(p, kQuantBlock * sizeof(float));
+        kick_next_page(g, kQuantBlock * sizeof(float));
+        kick_next_page(c0 + b * kQuantBlock, kQuantBlock);
+        kick_next_page(c1 + b * kQuantBlock, kQuantBlock);
+      }
       const float* __restrict__ qm = buf[(b + 2) % 3][0];  // block b - 1
       const float* __restrict__ qv = buf[(b + 2) % 3][1];
       uint8_t* __restrict__ qc0 = c0 + (b - 1) * kQuantBlock;
