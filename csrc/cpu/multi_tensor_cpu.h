@@ -2,7 +2,10 @@
 // tensors' elements, so 2,000 small tensors cost one job instead of 2,000, and one huge
 // tensor is still split across all threads.
 #pragma once
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <vector>
 #include "../fusedopt/common.h"
 #include "worker_pool.h"
@@ -68,11 +71,32 @@ void parallel_for_chunks(const WorkList& work, int num_threads, Fn fn) {
     run_chunks(n, num_threads, [](void* f, int64_t c) noexcept { (*static_cast<Fn*>(f))(c); }, &fn);
     return;
   }
-  // torch's OpenMP team (the default: worker_pool.h, use_pool). Chunks are handed out
-  // dynamically, so a thread the OS delays does not hold up the others' chunks, but the
-  // region's end still waits for it.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t c = 0; c < n; ++c) fn(c);
+  // torch's OpenMP team (the default: worker_pool.h, use_pool). Thread t owns the t-th of
+  // num_threads contiguous ranges of chunks and claims them front to back, then claims what
+  // is left of the others' ranges: a thread the OS delays does not hold up chunks another
+  // thread can take (the region's end still waits for it), and with no delays each thread
+  // streams one contiguous part of the buffers. (Chunks dealt one at a time in turn, as
+  // schedule(dynamic, 1) does: the 8-bit step ~3% and the fp32 AdamW step ~1.5% slower on this
+  // project's 2-vCPU Xeon, GPT-2 41.7M, interleaved runs.)
+  struct alignas(64) Range {
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::vector<Range> ranges(static_cast<size_t>(num_threads) + 0);
+  for (int r = 0; r < num_threads; ++r) {
+    ranges[size_t(r)].next.store(n * r / num_threads, std::memory_order_relaxed);
+    ranges[size_t(r)].end = n * (r + 1) / num_threads;
+  }
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num();
+    for (int k = 0; k < num_threads; ++k) {
+      Range& r = ranges[size_t((t + k) % num_threads)];
+      for (int64_t c = r.next.fetch_add(1, std::memory_order_relaxed); c < r.end;
+           c = r.next.fetch_add(1, std::memory_order_relaxed))
+        fn(c);
+    }
+  }
 }
 
 }  // namespace fusedopt::cpu::FUSEDOPT_ISA
