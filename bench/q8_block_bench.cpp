@@ -239,7 +239,9 @@ int main(int argc, char** argv) {
   }
   // The fused loop (RegisterCodec::adam_blocks): bit-identical to quantized_block, and its time.
   double fused = 0;
-  for (int coupled = 0; coupled < 2; ++coupled) {
+  for (int variant = 0; variant < 4; ++variant) {
+    const int coupled = variant & 1;
+    const float unscale = variant & 2 ? 0.37f : 1.0f;  // grads as they are, or scaled (grad_factor != 1)
     Data x = d;
     // block 3: zero states (absmax 0) and -0 grads; block 5: zero grads
     for (int i = 0; i < kQuantBlock; ++i) {
@@ -249,7 +251,7 @@ int main(int argc, char** argv) {
     x.absmax0[3] = x.absmax1[3] = 0.0f;
     Data y = x;
     const double group2[16] = {1e-3, 0.9, 0.999, 1e-8, 0.01, double(coupled ? 0 : 1), 0};
-    const auto sc = Adam::scalars<float>(group2, 1e-3, 10.0, 1.0f);
+    const auto sc = Adam::scalars<float>(group2, 1e-3, 10.0, unscale);
     for (int step = 0; step < 5; ++step) {
       for (int b = 0; b < kBlocks; ++b) {
         q8_t* const codes[3] = {reinterpret_cast<q8_t*>(x.c0.data() + b * kQuantBlock),
@@ -265,8 +267,8 @@ int main(int argc, char** argv) {
     const bool same = std::memcmp(x.param.data(), y.param.data(), kN * 4) == 0 && x.c0 == y.c0 && x.c1 == y.c1 &&
                       std::memcmp(x.absmax0.data(), y.absmax0.data(), kBlocks * 4) == 0 &&
                       std::memcmp(x.absmax1.data(), y.absmax1.data(), kBlocks * 4) == 0;
-    std::printf("fused vs quantized_block after 5 steps (%s weight decay): %s\n", coupled ? "coupled" : "decoupled",
-                same ? "bit-identical" : "DIFFERENT");
+    std::printf("fused vs quantized_block after 5 steps (%s weight decay, grad factor %g): %s\n",
+                coupled ? "coupled" : "decoupled", double(sc.grad_factor), same ? "bit-identical" : "DIFFERENT");
     fused = cycles_per_element([&] {
       codec.adam_blocks(y.param.data(), y.grad.data(), y.c0.data(), y.c1.data(), y.absmax0.data(), y.absmax1.data(),
                         kBlocks, mp, scalars);

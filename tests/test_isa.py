@@ -39,9 +39,12 @@ cases = {
     "adamw_8bit": (torch.float32, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, state_dtype=torch.uint8)),
     "adamw_bf16_sr_8bit": (torch.bfloat16, dict(lr=1e-3, stochastic_rounding=True, seed=5, state_dtype=torch.uint8)),
     # Adam on fp32 params with 8-bit moments, no amsgrad: the AVX-512 build's fused block
-    # pipeline (RegisterCodec::adam_blocks), decoupled and coupled weight decay
+    # pipeline (RegisterCodec::adam_blocks), decoupled and coupled weight decay, with grads
+    # scaled (grad_scale below, maximize) and as they are (its loop without the grad multiply)
     "adamw_8bit_plain": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
     "adam_8bit_coupled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, maximize=True, state_dtype=torch.uint8)),
+    "adamw_8bit_unscaled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
+    "adam_8bit_coupled_unscaled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
 }
 # Cases stepped with GradScaler-style scaled grads (grad_scale), plus one skipped step (found_inf).
 scaled = {"adam_bf16_coupled_amsgrad_maximize": 2.0 ** 10, "adamw_bf16_sr_bf16state": 2.0 ** 8,
