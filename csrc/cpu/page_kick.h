@@ -13,7 +13,11 @@
 // streaming mode is the same loop), 41.7M elements, one thread, this project's 2-vCPU Xeon:
 // 3.3-3.5 TSC cycles/element without kicks, 2.7-2.9 with (2.6-2.8 with everything in L2);
 // kicking 1 KiB, 2 KiB or 3 KiB ahead all help, a page or more ahead less (the kick's own page
-// walk then stalls the loop); without the codes' kicks the gain is gone.
+// walk then stalls the loop); without the codes' kicks the gain is gone. The gain depends on
+// how the compiler schedules the loop around the kicks: the same kicks issued from a callback,
+// or the loop compiled without its grad multiply (for grad factor 1), ran 3.8-4.0 cycles/element
+// with the first kick stalling (perf annotate); after changing that loop, check the streaming
+// mode of bench/q8_block_bench.sh ("f").
 #pragma once
 #include <cstdint>
 
