@@ -82,7 +82,7 @@ void parallel_for_chunks(const WorkList& work, int num_threads, Fn fn) {
     std::atomic<int64_t> next;
     int64_t end;
   };
-  std::vector<Range> ranges(static_cast<size_t>(num_threads) + 0);
+  std::vector<Range> ranges(static_cast<size_t>(num_threads));
   for (int r = 0; r < num_threads; ++r) {
     ranges[size_t(r)].next.store(n * r / num_threads, std::memory_order_relaxed);
     ranges[size_t(r)].end = n * (r + 1) / num_threads;

@@ -252,10 +252,10 @@ void algorithm_loop(const StepCall& call) {
 }
 
 // The page kicks (page_kick.h) of the block of kQuantBlock elements at `at`: param, grad and
-// each state's codes. They replaced prefetches of whole blocks 2 ahead, which did nothing
-// measurable for the fused Adam loop; GPT-2 41.7M AdamW 8-bit step, interleaved runs on this
-// Xeon: fused loop (AVX-512) 31.1-33.4 -> 28.0-29.7 ms, AVX2 build (quantized_block) 47.8-48.5
-// -> 45.0-45.7 ms (the kicks alone; with the block prefetches as well 47.0-48.1).
+// each state's codes, for the block-by-block loop below (the fused Adam loop kicks its own
+// streams). They replaced prefetches of whole blocks 2 ahead; GPT-2 41.7M AdamW 8-bit step on
+// this Xeon, AVX2 build, interleaved runs: 47.8-48.5 -> 45.0-45.7 ms with the kicks alone, 47.0-48.1
+// with the block prefetches as well.
 template <class A, typename P, bool V>
 __attribute__((always_inline)) inline void kick_block(const int64_t* row, const P* grad_at_b, int64_t at) {
   kick_next_page(column_ptr<P>(row, kColParam, at), kQuantBlock * sizeof(P));

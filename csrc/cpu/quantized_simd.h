@@ -620,8 +620,8 @@ struct PackedGatherCodec : TableCodec {
     const __m256i count = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(entry, low), negative), 16);
     const __m256i is_negative = _mm256_srai_epi32(bits, 31);
     if constexpr (MIRRORED) {
-      // max(254 - count, 0): a saturating subtract on 16-bit halves (upper halves 0)
-      const __m256i mirror = _mm256_subs_epu16(_mm256_set1_epi32(254), count);
+      // max(kPackedMirror - count, 0): a saturating subtract on 16-bit halves (upper halves 0)
+      const __m256i mirror = _mm256_subs_epu16(_mm256_set1_epi32(kPackedMirror), count);
       return _mm256_blendv_epi8(count, mirror, is_negative);
     } else {
       return _mm256_andnot_si256(is_negative, count);

@@ -115,11 +115,12 @@ FUSEDOPT_HD int quantize_code(const float* map, const int32_t* base, const float
 // (0xFFFF - threshold's low 15 bits) carries into bit 16 exactly when it holds: the sum with
 // x's low 15 bits is the code. A bucket with no threshold stores 0x7FFF, which never carries
 // (even with the +1 below). Negative x: the signed map (mirrored) is symmetric about 0 apart
-// from its last midpoint (_quantization.packed_tables checks it), which makes code(-a) =
-// max(254 - #{midpoints <= a}, 0), the count taken with +1 (>= instead of >); every midpoint of
+// from its last midpoint (_quantization.packed_table checks it), which makes code(-a) =
+// max(kPackedMirror - #{midpoints <= a}, 0), the count taken with +1 (>= instead of >); every midpoint of
 // the unsigned map is positive, so a negative x (and -0) has code 0. NaN and inf land in the
 // last bucket as in bucket_of. The same codes as quantize_code<false> bit for bit
 // (tests/test_quantized_codec.py, every ISA).
+constexpr int kPackedMirror = 254;  // twice the signed map's 127 negative midpoints
 FUSEDOPT_HD int nearest_code_packed(const uint32_t* packed, bool mirrored, float x) {
   const uint32_t u = float_bits(x);
   const uint32_t magnitude = u & 0x7FFFFFFFu;
@@ -129,7 +130,7 @@ FUSEDOPT_HD int nearest_code_packed(const uint32_t* packed, bool mirrored, float
   b = b < uint32_t(kBucketsPerSign - 1) ? b : uint32_t(kBucketsPerSign - 1);
   const uint32_t negative = u >> 31;
   const int count = int((packed[b] + (magnitude & 0x7FFFu) + negative) >> 16);
-  const int mirror = 254 - count > 0 ? 254 - count : 0;
+  const int mirror = kPackedMirror - count > 0 ? kPackedMirror - count : 0;
   return negative == 0u ? count : (mirrored ? mirror : 0);
 }
 
