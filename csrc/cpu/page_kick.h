@@ -15,9 +15,10 @@
 // kicking 1 KiB, 2 KiB or 3 KiB ahead all help, a page or more ahead less (the kick's own page
 // walk then stalls the loop); without the codes' kicks the gain is gone. The gain depends on
 // how the compiler schedules the loop around the kicks: the same kicks issued from a callback,
-// or the loop compiled without its grad multiply (for grad factor 1), ran 3.8-4.0 cycles/element
-// with the first kick stalling (perf annotate); after changing that loop, check the streaming
-// mode of bench/q8_block_bench.sh ("f").
+// or (with the loop of commit 9e75e13) the loop compiled without its grad multiply, ran 3.8-4.0
+// cycles/element with the first kick stalling (perf annotate), and the kicks spread one per 64
+// elements instead of four at the block's start ran 3.13 against 2.96 after the search's
+// changes; after changing that loop, check the streaming mode of bench/q8_block_bench.sh ("f").
 #pragma once
 #include <cstdint>
 

@@ -23,8 +23,10 @@
 // divider) with the next block's dequantization and the previous block's code search (bound
 // by the vector ports). bench/q8_block_bench.cpp, TSC cycles per element, one thread, blocks
 // in L2, this Xeon: quantized_block with the codec before this pipeline 3.8 (dequantize m, v
-// 0.30 + 0.30, update 1.05, absmax 0.17, nearest m, v 0.82 + 0.70); now the searches 0.68 +
-// 0.58 on their own, quantized_block 3.5, adam_blocks 2.65-2.7.
+// 0.30 + 0.30, update 1.05, absmax 0.17, nearest m, v 0.82 + 0.70); then the searches 0.68 +
+// 0.58 on their own, quantized_block 3.5, adam_blocks 2.65-2.7 (2.75-2.8 on a later day); with
+// the integer tie test and mask stores (DecadeSearch) and no grad multiply at grad factor 1,
+// the searches 0.68 + 0.55 and adam_blocks 2.55-2.6 in the same minutes (-5 to -7%).
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -59,8 +61,9 @@ struct alignas(64) RegisterMapTables {
   bool decades_valid;
   float binade_bound[32];          // the region boundary inside binade [2^(i-24), 2^(i-23)), or +inf
   int32_t binade_region[32];       // the region at the binade's start
-  // t = fma(|x|, slope, -offset): the region's first code plus the number of its inner
-  // midpoints below |x| (floor), so the code is min(floor(t), top) with no add.
+  // u = fma(|x|, slope, -offset) = 2^kTieShift * t + kTieWindow / 2, where t is the region's
+  // first code plus the number of its inner midpoints below |x| (floor): the code is
+  // min(floor(u) >> kTieShift, top), and floor(u)'s low bits say how near t is to an integer.
   float region_slope[16], region_offset[16];
   int32_t region_top[16];          // the region's last code: its first + its inner midpoints
   int32_t mirror;                  // a negative x's code is max(mirror - code(|x|), 0)
@@ -86,8 +89,9 @@ struct alignas(64) RegisterMapTables {
   // at t = first + k of t(x) = fma(x, slope_d, -offset_d) (offset_d taking the region's first
   // code in), so the code there is min(floor(t), first + n_d - 1) (floor(t) >= first). False
   // (and the codec quantizes as TableCodec) when any of that does not hold: each inner
-  // midpoint's t, computed in float as the kernel does (one fused multiply-add), must be
-  // within kTieBand / 2 of its integer, and each binade may hold one R at most.
+  // midpoint's u, computed in float as the kernel does (one fused multiply-add), must lie in
+  // [2^kTieShift k, 2^kTieShift k + kTieWindow) for its k = first + k', and each binade may hold
+  // one R at most.
   bool build_decades(const float (&mid)[kQuantMapSize - 1]) {
     int negative = 0;
     while (negative < kQuantMapSize - 1 && mid[negative] < 0.0f) ++negative;
@@ -111,13 +115,14 @@ struct alignas(64) RegisterMapTables {
       float slope = float(n / (0.9 * scale)), offset = float(0.1 * n / 0.9 - first);
       if (n == 1) slope = 0.0f, offset = 0.0f;
       set_region(d + 1, slope, offset, first, n - 1);
+      slope = region_slope[d + 1];
       offset = region_offset[d + 1];
       for (int k = 1; k < n; ++k) {
-        const float t = std::fma(pos[j + k], slope, -offset);
-        if (!(std::fabs(t - float(first + k)) <= kTieBand / 2)) return false;
+        const float u = std::fma(pos[j + k], slope, -offset), at = std::ldexp(float(first + k), kTieShift);
+        if (!(u >= at && u < at + kTieWindow)) return false;
       }
-      // floor(t) >= first in the region
-      if (!(std::fma(boundary[d], slope, -offset) >= float(first))) return false;
+      // floor(u) >> kTieShift >= first in the region
+      if (!(std::fma(boundary[d], slope, -offset) >= std::ldexp(float(first), kTieShift))) return false;
       j += n;
       boundary[d + 1] = pos[j];
     }
@@ -141,19 +146,24 @@ struct alignas(64) RegisterMapTables {
     return true;
   }
 
-  // Lanes whose t is within kTieBand of an integer (or NaN) take the exact scalar path: about
-  // 0.012% of values spread over [-1, 1] (one lane in ~30 blocks of 256; the fix-up loop's
-  // branches mispredict, so it pays to keep it rare). A sure lane's code is right when every
-  // inner midpoint's float t lies within kTieBand of its integer (t is monotone in |x|);
-  // build_decades asks for kTieBand / 2. bitsandbytes' maps: at most 1.53e-5 (an ulp of t
-  // near 255) against the 3.05e-5 asked for.
-  static constexpr float kTieBand = 1.0f / 16384.0f;
+  // Lanes whose floor(u) has its low kTieShift bits below kTieWindow (t within about
+  // 2^-kTieShift of an integer), or whose u is NaN or out of range (the conversion's
+  // 0x80000000), take the exact scalar path: about 0.012% of values spread over [-1, 1] (one
+  // lane in ~30 blocks of 256; the fix-up loop's branches mispredict, so it pays to keep it
+  // rare). Any other lane's code is right: its u >= 2^kTieShift j + kTieWindow > u(midpoint j)
+  // and u < 2^kTieShift (j + 1) <= u(midpoint j + 1), and u is monotone in |x|, so |x| lies
+  // strictly between the two midpoints (build_decades checks every midpoint's u). The test is
+  // one vptestmd on the integer the code comes from, where a float band check took three
+  // operations (reduce, abs, compare).
+  static constexpr int kTieShift = 14;
+  static constexpr float kTieWindow = 2.0f;
 
  private:
-  // offset: the line's offset less the first code; slope 0 (one code): t = first + 0.5.
+  // offset: the line's offset less the first code; slope 0 (one code): t = first + 0.5. Stored
+  // for u (build_decades checks these values, as the kernel computes with them).
   void set_region(int r, float slope, float offset, int first, int last) {
-    region_slope[r] = slope;
-    region_offset[r] = slope == 0.0f ? -(float(first) + 0.5f) : offset;
+    region_slope[r] = std::ldexp(slope, kTieShift);
+    region_offset[r] = std::ldexp(slope == 0.0f ? -(float(first) + 0.5f) : offset, kTieShift) - kTieWindow / 2;
     region_top[r] = first + last;
   }
 };
@@ -263,10 +273,15 @@ class RegisterCodec {
   void adam_blocks(float* __restrict__ param, const float* __restrict__ grad, uint8_t* __restrict__ c0,
                    uint8_t* __restrict__ c1, float* __restrict__ a0, float* __restrict__ a1, int64_t blocks,
                    const float* maps, const Adam::Scalars<float>& k) const {
-    if (k.coupled_wd != 0.0f)
-      adam_blocks_with<true>(param, grad, c0, c1, a0, a1, blocks, maps, k);
-    else
-      adam_blocks_with<false>(param, grad, c0, c1, a0, a1, blocks, maps, k);
+    // A grad factor of 1 (no unscaling, no clipping) multiplies by nothing: x * 1 is x.
+    const bool scaled = k.grad_factor != 1.0f;
+    if (k.coupled_wd != 0.0f) {
+      if (scaled) adam_blocks_with<true, true>(param, grad, c0, c1, a0, a1, blocks, maps, k);
+      else adam_blocks_with<true, false>(param, grad, c0, c1, a0, a1, blocks, maps, k);
+    } else {
+      if (scaled) adam_blocks_with<false, true>(param, grad, c0, c1, a0, a1, blocks, maps, k);
+      else adam_blocks_with<false, false>(param, grad, c0, c1, a0, a1, blocks, maps, k);
+    }
   }
 
   template <Precision PREC>
@@ -280,7 +295,7 @@ class RegisterCodec {
   }
 
  private:
-  template <bool COUPLED>
+  template <bool COUPLED, bool SCALED>
   __attribute__((target("avx512vbmi"))) void adam_blocks_with(
       float* __restrict__ param, const float* __restrict__ grad, uint8_t* __restrict__ c0, uint8_t* __restrict__ c1,
       float* __restrict__ a0, float* __restrict__ a1, int64_t blocks, const float* maps,
@@ -290,8 +305,10 @@ class RegisterCodec {
     alignas(64) float buf[3][2][kQuantBlock];
     dequantize_byte_planes(tables_[0].planes, c0, a0[0], buf[0][0], kQuantBlock);
     dequantize_byte_planes(tables_[1].planes, c1, a1[0], buf[0][1], kQuantBlock);
-    const DecadeSearch<true> search0(tables_[0]);
-    const DecadeSearch<false, true> search1(tables_[1]);  // exp_avg_sq * (1 / absmax): >= +0 or NaN
+    // The values quantized are states times 1 / their absmax: at most 1 + 2^-22 in magnitude
+    // where finite (BOUNDED); exp_avg_sq's are >= +0 or NaN (NONNEG).
+    const DecadeSearch<true, false, true> search0(tables_[0]);
+    const DecadeSearch<false, true, true> search1(tables_[1]);
     const __m512i order = pack_order();
     const __m512 grad_factor = _mm512_set1_ps(k.grad_factor), coupled_wd = _mm512_set1_ps(k.coupled_wd);
     const __m512 decay = _mm512_set1_ps(k.decay_factor), one_minus_beta1 = _mm512_set1_ps(k.one_minus_beta1);
@@ -318,8 +335,7 @@ class RegisterCodec {
       const __m512 next_scale0 = _mm512_set1_ps(next ? a0[b + 1] : 0.0f);
       const __m512 next_scale1 = _mm512_set1_ps(next ? a1[b + 1] : 0.0f);
       const __m512 qscale0 = _mm512_set1_ps(inv[0]), qscale1 = _mm512_set1_ps(inv[1]);
-      uint16_t unsure0[kQuantBlock / 16], unsure1[kQuantBlock / 16];
-      unsigned any0 = 0, any1 = 0;
+      __mmask16 sure0[kQuantBlock / 16], sure1[kQuantBlock / 16];
       __m512 max0 = _mm512_setzero_ps(), max1 = _mm512_setzero_ps();
       for (int q = 0; q < kQuantBlock; q += 64) {
         if (next) {
@@ -332,7 +348,8 @@ class RegisterCodec {
           // Adam::update lane-wise, in its operation order (no contraction).
           for (int i = q; i < q + 64; i += 16) {
             __m512 pv = _mm512_loadu_ps(p + i);
-            __m512 gv = _mm512_mul_ps(_mm512_loadu_ps(g + i), grad_factor);
+            __m512 gv = _mm512_loadu_ps(g + i);
+            if constexpr (SCALED) gv = _mm512_mul_ps(gv, grad_factor);
             // Uncoupled, Adam adds 0, which only turns a -0 grad into +0; left out: g feeds only
             // g * g (+0 either way) and m + (1 - beta1) * (g - m), the same for g = +-0 (g - m is
             // -m for m != 0; for m = +-0 the sum is +0 either way).
@@ -353,13 +370,14 @@ class RegisterCodec {
           }
         }
         if (quantize) {
-          any0 |= nearest64(search0, order, qm + q, qscale0, qc0 + q, unsure0 + q / 16);
-          any1 |= nearest64(search1, order, qv + q, qscale1, qc1 + q, unsure1 + q / 16);
+          nearest64(search0, order, qm + q, qscale0, qc0 + q, sure0 + q / 16);
+          nearest64(search1, order, qv + q, qscale1, qc1 + q, sure1 + q / 16);
         }
       }
       if (quantize) {
-        if (any0 != 0) fix_unsure<Precision::kPlain>(maps, 0, qm, inv[0], qc0, kQuantBlock, unsure0, nullptr);
-        if (any1 != 0) fix_unsure<Precision::kPlain>(maps, 1, qv, inv[1], qc1, kQuantBlock, unsure1, nullptr);
+        constexpr int kMasks = kQuantBlock / 16;
+        if (!all_sure(sure0, kMasks)) fix_unsure<Precision::kPlain>(maps, 0, qm, inv[0], qc0, kQuantBlock, sure0, nullptr);
+        if (!all_sure(sure1, kMasks)) fix_unsure<Precision::kPlain>(maps, 1, qv, inv[1], qc1, kQuantBlock, sure1, nullptr);
       }
       if (update) {
         const float mx0 = _mm512_reduce_max_ps(max0), mx1 = _mm512_reduce_max_ps(max1);
@@ -376,10 +394,9 @@ class RegisterCodec {
                             const float* __restrict__ v, float inv, uint8_t* __restrict__ c, int n,
                             const RoundingKeys& keys) {
     const __m512 scale = _mm512_set1_ps(inv);
-    // Lanes the search is unsure of, per vector: redone by quantize_code after the loop, so the
-    // rare branch to them sits outside the vector loop's long dependency chains.
-    uint16_t unsure[kQuantBlock / 16];
-    unsigned any_unsure = 0;
+    // Lanes the search is not sure of, per vector: redone by quantize_code after the loop, so
+    // the rare branch to them sits outside the vector loop's long dependency chains.
+    __mmask16 sure[kQuantBlock / 16];
     alignas(64) uint32_t random[kQuantBlock];
     if constexpr (PREC == Precision::kStochastic) {
       // The random bits of the block first (element.h: element_random; vectorized by the
@@ -393,37 +410,34 @@ class RegisterCodec {
         const __mmask16 lanes = tail_mask(n - i);
         const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
         const __m512i r = _mm512_maskz_loadu_epi32(lanes, random + i);
-        __mmask16 u;
-        const __m512i nearest = search.nearest(x, u);
+        const __m512i nearest = search.nearest(x, sure[i / 16]);
         _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, stochastic(map, x, nearest, r));
-        unsure[i / 16] = uint16_t(u & lanes);
-        any_unsure |= unsure[i / 16];
       }
     } else {
       int i = 0;
       const __m512i order = pack_order();
-      for (; i + 64 <= n; i += 64) any_unsure |= nearest64(search, order, v + i, scale, c + i, unsure + i / 16);
+      for (; i + 64 <= n; i += 64) nearest64(search, order, v + i, scale, c + i, sure + i / 16);
       for (; i < n; i += 16) {
         const __mmask16 lanes = tail_mask(n - i);
         const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale);
-        __mmask16 u;
-        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, search.nearest(x, u));
-        unsure[i / 16] = uint16_t(u & lanes);
-        any_unsure |= unsure[i / 16];
+        _mm512_mask_cvtepi32_storeu_epi8(c + i, lanes, search.nearest(x, sure[i / 16]));
       }
     }
-    if (any_unsure != 0) fix_unsure<PREC>(maps, k, v, inv, c, n, unsure, random);
+    // Lanes past n (the last vector's tail) count as sure.
+    const int masks = (n + 15) / 16;
+    if (n % 16 != 0) sure[masks - 1] |= __mmask16(~tail_mask(n % 16));
+    if (!all_sure(sure, masks)) fix_unsure<PREC>(maps, k, v, inv, c, n, sure, random);
   }
 
-  // The lanes the search was unsure of, by quantize_code.
+  // The lanes the search was not sure of (of the first n), by quantize_code.
   template <Precision PREC>
   static void fix_unsure(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c,
-                         int n, const uint16_t* unsure, const uint32_t* random) {
+                         int n, const __mmask16* sure, const uint32_t* random) {
     const float* map = quant_map(maps, k);
     const int32_t* base = quant_base(maps, k);
     const float* threshold = quant_threshold(maps, k);
     for (int j = 0; j < (n + 15) / 16; ++j)
-      for (unsigned m = unsure[j]; m != 0; m &= m - 1) {
+      for (unsigned m = ~unsigned(sure[j]) & tail_mask(n - 16 * j); m != 0; m &= m - 1) {
         const int i = 16 * j + __builtin_ctz(m);
         const float x = v[i] * inv;
         c[i] = uint8_t(PREC == Precision::kStochastic ? quantize_code<true>(map, base, threshold, x, random[i])
@@ -432,26 +446,30 @@ class RegisterCodec {
   }
 
   // Nearest codes of 64 values (v * scale): the four codes vectors packed to bytes by two packs
-  // and a dword permute (half the shuffle uops of four vpmovdb stores); unsure lanes per 16.
-  // Returns the union of the unsure masks.
+  // and a dword permute (half the shuffle uops of four vpmovdb stores); the sure lanes' masks
+  // stored per 16 (kmovw to memory: no vector port, where a mask to a register takes one).
   static __m512i pack_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
   template <typename Searcher>
-  static __attribute__((always_inline)) unsigned nearest64(const Searcher& search, __m512i order,
-                                                           const float* __restrict__ v, __m512 scale,
-                                                           uint8_t* __restrict__ c, uint16_t* unsure) {
+  static __attribute__((always_inline)) void nearest64(const Searcher& search, __m512i order,
+                                                       const float* __restrict__ v, __m512 scale,
+                                                       uint8_t* __restrict__ c, __mmask16* sure) {
     __m512i code[4];
-    unsigned any = 0;
     for (int q = 0; q < 4; ++q) {
       const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + 16 * q), scale);
-      __mmask16 u;
-      code[q] = search.nearest(x, u);
-      unsure[q] = uint16_t(u);
-      any |= u;
+      __mmask16 s;
+      code[q] = search.nearest(x, s);
+      _store_mask16(sure + q, s);
     }
     const __m512i bytes =
         _mm512_packus_epi16(_mm512_packus_epi32(code[0], code[1]), _mm512_packus_epi32(code[2], code[3]));
     _mm512_storeu_si512(c, _mm512_permutexvar_epi32(order, bytes));
-    return any;
+  }
+
+  // Whether the first `count` sure masks cover every lane (after a block's loop).
+  static bool all_sure(const __mmask16* sure, int count) {
+    unsigned all = 0xFFFF;
+    for (int j = 0; j < count; ++j) all &= sure[j];
+    return all == 0xFFFF;
   }
 
   static __mmask16 tail_mask(int left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
@@ -477,15 +495,17 @@ class RegisterCodec {
     }
   };
 
-  // The nearest code (the number of midpoints below x) with no table search: |x|'s binade (a table of 32) and
-  // one compare against the region boundary inside it give x's region, the region's line gives
-  // t (the region's first code taken in), and the code is min(floor(t), top) (RegisterMapTables::
-  // build_decades); a negative x mirrors. Lanes where that could be off by one (t within
-  // kTieBand of an integer, |x| equal to a region boundary, NaN, inf) come back in `unsure`,
-  // for quantize_code.
+  // The nearest code (the number of midpoints below x) with no table search: |x|'s binade (a
+  // table of 32) and one compare against the region boundary inside it give x's region, the
+  // region's line gives u (RegisterMapTables: t scaled, the region's first code taken in), and
+  // the code is min(floor(u) >> kTieShift, top) (RegisterMapTables::build_decades); a negative x
+  // mirrors. `sure` clears the lanes where that could be off by one (t near an integer, |x|
+  // equal to a region boundary, NaN, inf), for quantize_code.
   // NONNEG (unsigned maps only): the caller's x are >= +0 or NaN (adam_blocks' exp_avg_sq),
-  // so no sign is cleared or tested.
-  template <bool MIRRORED, bool NONNEG = false>
+  // so no sign is cleared or tested. BOUNDED: the caller's finite x are below 2^8 in magnitude
+  // (adam_blocks: values times 1 / their absmax), so the binade needs no clamp to 31 (a larger
+  // exponent, from inf or NaN only, wraps to some binade; its u is not finite: unsure).
+  template <bool MIRRORED, bool NONNEG = false, bool BOUNDED = false>
   struct DecadeSearch {
     static_assert(!(MIRRORED && NONNEG), "a mirrored map has negative codes");
     __m512 bound_lo, bound_hi, slope, offset;
@@ -501,36 +521,41 @@ class RegisterCodec {
           top(_mm512_loadu_si512(t.region_top)),
           mirror(_mm512_set1_epi32(t.mirror)) {}
 
-    __m512i nearest(__m512 x, __mmask16& unsure) const {
+    __m512i nearest(__m512 x, __mmask16& sure) const {
       const __m512i magnitude_bits =
           NONNEG ? _mm512_castps_si512(x) : _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
       const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
-      // The binade: the exponent field less kBucketMinExponent, clamped to [0, 31] (a saturating
-      // subtract on 16-bit halves whose upper half is 0).
-      const __m512i binade = _mm512_min_epi32(
-          _mm512_subs_epu16(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kBucketMinExponent)),
-          _mm512_set1_epi32(31));
+      // The binade: the exponent field less kBucketMinExponent, at least 0 (a saturating
+      // subtract on 16-bit halves whose upper half is 0), at most 31.
+      __m512i binade =
+          _mm512_subs_epu16(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kBucketMinExponent));
+      if constexpr (!BOUNDED) binade = _mm512_min_epi32(binade, _mm512_set1_epi32(31));
       const __m512 bound = _mm512_permutex2var_ps(bound_lo, binade, bound_hi);
       __m512i region = _mm512_permutex2var_epi32(region_lo, binade, region_hi);
       region = _mm512_mask_add_epi32(region, _mm512_cmp_ps_mask(magnitude, bound, _CMP_GT_OQ), region,
                                      _mm512_set1_epi32(1));
-      const __m512 t = _mm512_fmsub_ps(magnitude, _mm512_permutexvar_ps(region, slope),
+      const __m512 u = _mm512_fmsub_ps(magnitude, _mm512_permutexvar_ps(region, slope),
                                        _mm512_permutexvar_ps(region, offset));
-      // t - round(t) within kTieBand of 0, or NaN: not |t - round(t)| >= kTieBand.
-      unsure = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)),
-                                            _mm512_set1_ps(RegisterMapTables::kTieBand), _CMP_NGE_UQ);
-      // floor(t) >= first: t >= t(lower boundary) >= first (build_decades checks the latter).
-      __m512i code = _mm512_min_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+      const __m512i fixed = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      // Low bits of floor(u) at least kTieWindow (0x80000000, NaN's and overflow's, has none).
+      const __m512i window = _mm512_set1_epi32(((1 << RegisterMapTables::kTieShift) - 1) &
+                                               ~(int(RegisterMapTables::kTieWindow) - 1));
+      // floor(u) >> kTieShift >= first: u >= u(lower boundary) >= 2^kTieShift first (build_decades).
+      __m512i code = _mm512_min_epi32(_mm512_srai_epi32(fixed, RegisterMapTables::kTieShift),
                                       _mm512_permutexvar_epi32(region, top));
-      if constexpr (NONNEG) return code;  // (a -NaN: binade 31 by the clamp, t NaN, unsure)
+      if constexpr (NONNEG) {
+        sure = _mm512_test_epi32_mask(fixed, window);
+        return code;
+      }
       const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
       if constexpr (MIRRORED) {
         // max(mirror - code, 0), saturating on 16-bit halves (upper halves 0). The mirror is
-        // off by one where |x| is a boundary itself: exact lanes.
+        // off by one where |x| is a boundary itself: not sure there.
         code = _mm512_mask_mov_epi32(code, negative, _mm512_subs_epu16(mirror, code));
-        unsure |= _mm512_cmp_ps_mask(magnitude, bound, _CMP_EQ_OQ);
+        sure = _mm512_mask_test_epi32_mask(_mm512_cmp_ps_mask(magnitude, bound, _CMP_NEQ_UQ), fixed, window);
       } else {
         code = _mm512_maskz_mov_epi32(_knot_mask16(negative), code);  // every midpoint is > 0
+        sure = _mm512_test_epi32_mask(fixed, window);
       }
       return code;
     }
