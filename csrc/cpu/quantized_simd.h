@@ -26,7 +26,12 @@
 // 0.30 + 0.30, update 1.05, absmax 0.17, nearest m, v 0.82 + 0.70); then the searches 0.68 +
 // 0.58 on their own, quantized_block 3.5, adam_blocks 2.65-2.7 (2.75-2.8 on a later day); with
 // the integer tie test and mask stores (DecadeSearch) and no grad multiply at grad factor 1,
-// the searches 0.68 + 0.55 and adam_blocks 2.55-2.6 in the same minutes (-5 to -7%).
+// the searches 0.68 + 0.55 and adam_blocks 2.55-2.6 in the same minutes (-5 to -7%); with the
+// codes left in the upper halves (nearest_high: no shift, a one-uop mirror, a byte-permute
+// pack) 2.33 against 2.40 (medians of 8 interleaved runs, a quieter hour). Streaming on one
+// thread, adam_blocks runs at ~2.7-2.8 whichever of these versions: one thread's memory
+// parallelism, not its vector ports, sets that pace; two threads (the library's step) still
+// gain (GPT-2 41.7M: 22.9-24.8 -> 21.4-23.4 ms, interleaved).
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -61,11 +66,12 @@ struct alignas(64) RegisterMapTables {
   bool decades_valid;
   float binade_bound[32];          // the region boundary inside binade [2^(i-24), 2^(i-23)), or +inf
   int32_t binade_region[32];       // the region at the binade's start
-  // u = fma(|x|, slope, -offset) = 2^kTieShift * t + kTieWindow / 2, where t is the region's
-  // first code plus the number of its inner midpoints below |x| (floor): the code is
-  // min(floor(u) >> kTieShift, top), and floor(u)'s low bits say how near t is to an integer.
+  // u = fma(|x|, slope, -offset) = 2^16 t + kTieWindow / 2, where t is the region's first code
+  // plus the number of its inner midpoints below |x| (floor): floor(u)'s upper 16 bits are the
+  // code (clamped to the region's last, min(floor(u), top)), its lower 16 say how near t is to
+  // an integer.
   float region_slope[16], region_offset[16];
-  int32_t region_top[16];          // the region's last code: its first + its inner midpoints
+  int32_t region_top[16];          // the region's last code (its first + its inner midpoints) << 16 | 0xFFFF
   int32_t mirror;                  // a negative x's code is max(mirror - code(|x|), 0)
 
   void build(const float* qmap) {
@@ -90,7 +96,7 @@ struct alignas(64) RegisterMapTables {
   // code in), so the code there is min(floor(t), first + n_d - 1) (floor(t) >= first). False
   // (and the codec quantizes as TableCodec) when any of that does not hold: each inner
   // midpoint's u, computed in float as the kernel does (one fused multiply-add), must lie in
-  // [2^kTieShift k, 2^kTieShift k + kTieWindow) for its k = first + k', and each binade may hold
+  // [2^16 k, 2^16 k + kTieWindow) for its k = first + k', and each binade may hold
   // one R at most.
   bool build_decades(const float (&mid)[kQuantMapSize - 1]) {
     int negative = 0;
@@ -118,11 +124,11 @@ struct alignas(64) RegisterMapTables {
       slope = region_slope[d + 1];
       offset = region_offset[d + 1];
       for (int k = 1; k < n; ++k) {
-        const float u = std::fma(pos[j + k], slope, -offset), at = std::ldexp(float(first + k), kTieShift);
+        const float u = std::fma(pos[j + k], slope, -offset), at = std::ldexp(float(first + k), 16);
         if (!(u >= at && u < at + kTieWindow)) return false;
       }
-      // floor(u) >> kTieShift >= first in the region
-      if (!(std::fma(boundary[d], slope, -offset) >= std::ldexp(float(first), kTieShift))) return false;
+      // floor(u) >> 16 >= first in the region
+      if (!(std::fma(boundary[d], slope, -offset) >= std::ldexp(float(first), 16))) return false;
       j += n;
       boundary[d + 1] = pos[j];
     }
@@ -146,25 +152,25 @@ struct alignas(64) RegisterMapTables {
     return true;
   }
 
-  // Lanes whose floor(u) has its low kTieShift bits below kTieWindow (t within about
-  // 2^-kTieShift of an integer), or whose u is NaN or out of range (the conversion's
-  // 0x80000000), take the exact scalar path: about 0.012% of values spread over [-1, 1] (one
-  // lane in ~30 blocks of 256; the fix-up loop's branches mispredict, so it pays to keep it
-  // rare). Any other lane's code is right: its u >= 2^kTieShift j + kTieWindow > u(midpoint j)
-  // and u < 2^kTieShift (j + 1) <= u(midpoint j + 1), and u is monotone in |x|, so |x| lies
-  // strictly between the two midpoints (build_decades checks every midpoint's u). The test is
-  // one vptestmd on the integer the code comes from, where a float band check took three
-  // operations (reduce, abs, compare).
-  static constexpr int kTieShift = 14;
-  static constexpr float kTieWindow = 2.0f;
+  // Lanes whose floor(u) has its low 16 bits below kTieWindow (t within 2^-14 of an integer),
+  // or whose u is NaN or out of range (the conversion's 0x80000000), take the exact scalar
+  // path: about 0.012% of values spread over [-1, 1] (one lane in ~30 blocks of 256; the fix-up
+  // loop's branches mispredict, so it pays to keep it rare). Any other lane's code is right: its
+  // u >= 2^16 j + kTieWindow > u(midpoint j) and u < 2^16 (j + 1) <= u(midpoint j + 1), and u is
+  // monotone in |x|, so |x| lies strictly between the two midpoints (build_decades checks every
+  // midpoint's u; u below 2^24 has an ulp of at most 1, and bitsandbytes' maps put their
+  // midpoints' u within 2 of 2^16 k + 4). The test is one vptestmd on the integer the code comes
+  // from (a float band check took three operations: reduce, abs, compare), and the code stays in
+  // the upper half for the mirror's 16-bit subtract and the byte pack (no shift).
+  static constexpr float kTieWindow = 8.0f;
 
  private:
   // offset: the line's offset less the first code; slope 0 (one code): t = first + 0.5. Stored
   // for u (build_decades checks these values, as the kernel computes with them).
   void set_region(int r, float slope, float offset, int first, int last) {
-    region_slope[r] = std::ldexp(slope, kTieShift);
-    region_offset[r] = std::ldexp(slope == 0.0f ? -(float(first) + 0.5f) : offset, kTieShift) - kTieWindow / 2;
-    region_top[r] = first + last;
+    region_slope[r] = std::ldexp(slope, 16);
+    region_offset[r] = std::ldexp(slope == 0.0f ? -(float(first) + 0.5f) : offset, 16) - kTieWindow / 2;
+    region_top[r] = (first + last) << 16 | 0xFFFF;
   }
 };
 
@@ -309,7 +315,7 @@ class RegisterCodec {
     // where finite (BOUNDED); exp_avg_sq's are >= +0 or NaN (NONNEG).
     const DecadeSearch<true, false, true> search0(tables_[0]);
     const DecadeSearch<false, true, true> search1(tables_[1]);
-    const __m512i order = pack_order();
+    const __m512i order = high_code_bytes();
     const __m512 grad_factor = _mm512_set1_ps(k.grad_factor), coupled_wd = _mm512_set1_ps(k.coupled_wd);
     const __m512 decay = _mm512_set1_ps(k.decay_factor), one_minus_beta1 = _mm512_set1_ps(k.one_minus_beta1);
     const __m512 beta2 = _mm512_set1_ps(k.beta2), one_minus_beta2 = _mm512_set1_ps(k.one_minus_beta2);
@@ -370,8 +376,8 @@ class RegisterCodec {
           }
         }
         if (quantize) {
-          nearest64(search0, order, qm + q, qscale0, qc0 + q, sure0 + q / 16);
-          nearest64(search1, order, qv + q, qscale1, qc1 + q, sure1 + q / 16);
+          nearest64_high(search0, order, qm + q, qscale0, qc0 + q, sure0 + q / 16);
+          nearest64_high(search1, order, qv + q, qscale1, qc1 + q, sure1 + q / 16);
         }
       }
       if (quantize) {
@@ -445,24 +451,50 @@ class RegisterCodec {
       }
   }
 
-  // Nearest codes of 64 values (v * scale): the four codes vectors packed to bytes by two packs
-  // and a dword permute (half the shuffle uops of four vpmovdb stores); the sure lanes' masks
-  // stored per 16 (kmovw to memory: no vector port, where a mask to a register takes one).
+  // Nearest codes of 64 values (v * scale) as four vectors (HIGH: nearest_high's, the code in
+  // bits 16..23 of each lane); the sure lanes' masks stored per 16 (kmovw to memory: no vector
+  // port, where a mask to a register takes one).
+  template <bool HIGH, typename Searcher>
+  static __attribute__((always_inline)) void codes64(const Searcher& search, const float* __restrict__ v,
+                                                     __m512 scale, __m512i (&code)[4], __mmask16* sure) {
+    for (int q = 0; q < 4; ++q) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + 16 * q), scale);
+      __mmask16 s;
+      code[q] = HIGH ? search.nearest_high(x, s) : search.nearest(x, s);
+      _store_mask16(sure + q, s);
+    }
+  }
+
+  // codes64's codes to 64 bytes at c: two packs and a dword permute (half the shuffle uops of
+  // four vpmovdb stores).
   static __m512i pack_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
   template <typename Searcher>
   static __attribute__((always_inline)) void nearest64(const Searcher& search, __m512i order,
                                                        const float* __restrict__ v, __m512 scale,
                                                        uint8_t* __restrict__ c, __mmask16* sure) {
     __m512i code[4];
-    for (int q = 0; q < 4; ++q) {
-      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v + 16 * q), scale);
-      __mmask16 s;
-      code[q] = search.nearest(x, s);
-      _store_mask16(sure + q, s);
-    }
+    codes64<false>(search, v, scale, code, sure);
     const __m512i bytes =
         _mm512_packus_epi16(_mm512_packus_epi32(code[0], code[1]), _mm512_packus_epi32(code[2], code[3]));
     _mm512_storeu_si512(c, _mm512_permutexvar_epi32(order, bytes));
+  }
+
+  // The same from nearest_high's codes with byte permutes (AVX512_VBMI): two vpermt2b take byte
+  // 2 of every lane, an insert joins their halves (no shifts, one shuffle fewer).
+  static __m512i high_code_bytes() {
+    alignas(64) uint8_t idx[64];
+    for (int j = 0; j < 64; ++j) idx[j] = uint8_t(4 * (j % 32) + 2);
+    return _mm512_load_si512(idx);
+  }
+  template <typename Searcher>
+  static __attribute__((always_inline, target("avx512vbmi"))) void nearest64_high(
+      const Searcher& search, __m512i order, const float* __restrict__ v, __m512 scale, uint8_t* __restrict__ c,
+      __mmask16* sure) {
+    __m512i code[4];
+    codes64<true>(search, v, scale, code, sure);
+    const __m512i lo = _mm512_permutex2var_epi8(code[0], order, code[1]);
+    const __m512i hi = _mm512_permutex2var_epi8(code[2], order, code[3]);
+    _mm512_storeu_si512(c, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
   }
 
   // Whether the first `count` sure masks cover every lane (after a block's loop).
@@ -498,9 +530,10 @@ class RegisterCodec {
   // The nearest code (the number of midpoints below x) with no table search: |x|'s binade (a
   // table of 32) and one compare against the region boundary inside it give x's region, the
   // region's line gives u (RegisterMapTables: t scaled, the region's first code taken in), and
-  // the code is min(floor(u) >> kTieShift, top) (RegisterMapTables::build_decades); a negative x
-  // mirrors. `sure` clears the lanes where that could be off by one (t near an integer, |x|
-  // equal to a region boundary, NaN, inf), for quantize_code.
+  // the code is the upper half of min(floor(u), top) (RegisterMapTables::build_decades); a
+  // negative x mirrors. `sure` clears the lanes where that could be off by one (t near an
+  // integer, |x| equal to a region boundary, NaN, inf), for quantize_code. nearest_high leaves
+  // the code in bits 16..23 of each lane (bits 0..15 hold no code), nearest shifts it down.
   // NONNEG (unsigned maps only): the caller's x are >= +0 or NaN (adam_blocks' exp_avg_sq),
   // so no sign is cleared or tested. BOUNDED: the caller's finite x are below 2^8 in magnitude
   // (adam_blocks: values times 1 / their absmax), so the binade needs no clamp to 31 (a larger
@@ -519,9 +552,11 @@ class RegisterCodec {
           region_lo(_mm512_loadu_si512(t.binade_region)),
           region_hi(_mm512_loadu_si512(t.binade_region + 16)),
           top(_mm512_loadu_si512(t.region_top)),
-          mirror(_mm512_set1_epi32(t.mirror)) {}
+          mirror(_mm512_set1_epi32(t.mirror << 16)) {}
 
-    __m512i nearest(__m512 x, __mmask16& sure) const {
+    __m512i nearest(__m512 x, __mmask16& sure) const { return _mm512_srli_epi32(nearest_high(x, sure), 16); }
+
+    __m512i nearest_high(__m512 x, __mmask16& sure) const {
       const __m512i magnitude_bits =
           NONNEG ? _mm512_castps_si512(x) : _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
       const __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
@@ -537,23 +572,22 @@ class RegisterCodec {
       const __m512 u = _mm512_fmsub_ps(magnitude, _mm512_permutexvar_ps(region, slope),
                                        _mm512_permutexvar_ps(region, offset));
       const __m512i fixed = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      // Low bits of floor(u) at least kTieWindow (0x80000000, NaN's and overflow's, has none).
-      const __m512i window = _mm512_set1_epi32(((1 << RegisterMapTables::kTieShift) - 1) &
-                                               ~(int(RegisterMapTables::kTieWindow) - 1));
-      // floor(u) >> kTieShift >= first: u >= u(lower boundary) >= 2^kTieShift first (build_decades).
-      __m512i code = _mm512_min_epi32(_mm512_srai_epi32(fixed, RegisterMapTables::kTieShift),
-                                      _mm512_permutexvar_epi32(region, top));
+      // Low 16 bits of floor(u) at least kTieWindow (0x80000000, NaN's and overflow's, has none).
+      const __m512i window = _mm512_set1_epi32(0xFFFF & ~(int(RegisterMapTables::kTieWindow) - 1));
+      // floor(u) >> 16 >= first: u >= u(lower boundary) >= 2^16 first (build_decades).
+      __m512i code = _mm512_min_epi32(fixed, _mm512_permutexvar_epi32(region, top));
       if constexpr (NONNEG) {
         sure = _mm512_test_epi32_mask(fixed, window);
         return code;
       }
-      const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
       if constexpr (MIRRORED) {
-        // max(mirror - code, 0), saturating on 16-bit halves (upper halves 0). The mirror is
-        // off by one where |x| is a boundary itself: not sure there.
-        code = _mm512_mask_mov_epi32(code, negative, _mm512_subs_epu16(mirror, code));
+        // max(mirror - code, 0) in the upper halves, by a saturating 16-bit subtract where x's
+        // sign bit (bit 15 of its upper half) is set; the lower halves hold no code. The mirror
+        // is off by one where |x| is a boundary itself: not sure there.
+        code = _mm512_mask_subs_epu16(code, _mm512_movepi16_mask(_mm512_castps_si512(x)), mirror, code);
         sure = _mm512_mask_test_epi32_mask(_mm512_cmp_ps_mask(magnitude, bound, _CMP_NEQ_UQ), fixed, window);
       } else {
+        const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
         code = _mm512_maskz_mov_epi32(_knot_mask16(negative), code);  // every midpoint is > 0
         sure = _mm512_test_epi32_mask(fixed, window);
       }
