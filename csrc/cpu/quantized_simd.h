@@ -29,9 +29,9 @@
 // the searches 0.68 + 0.55 and adam_blocks 2.55-2.6 in the same minutes (-5 to -7%); with the
 // codes left in the upper halves (nearest_high: no shift, a one-uop mirror, a byte-permute
 // pack) 2.33 against 2.40 (medians of 8 interleaved runs, a quieter hour). Streaming on one
-// thread, adam_blocks runs at ~2.7-2.8 whichever of these versions: one thread's memory
-// parallelism, not its vector ports, sets that pace; two threads (the library's step) still
-// gain (GPT-2 41.7M: 22.9-24.8 -> 21.4-23.4 ms, interleaved).
+// thread it then ran at ~2.6-2.7 whichever of these versions, waiting on L2 fills: prefetching
+// the next block's param and grad lines into L1 (besides the page kicks) took that to 2.3 (2.1
+// in cache that hour); GPT-2 41.7M, two threads: 20.5-21.5 -> 18.9-19.4 ms.
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -351,6 +351,15 @@ class RegisterCodec {
                                    buf[(b + 1) % 3][1] + q);
         }
         if (update) {
+          // The param and grad lines of the next block into L1 (the L2 streamer, kicked at each
+          // page, brings them to L2): the loop then finds them there instead of waiting for L2
+          // fills; one block ahead, as reads (a write-intent prefetch of the param measured no
+          // better). Streaming on one thread, bench/q8_block_bench.sh 1 f: 2.58 -> 2.33
+          // cycles/element (2.12 in cache); half a block ahead no gain, 1.5 blocks 2.45.
+          for (int i = q; i < q + 64; i += 16) {
+            __builtin_prefetch(p + kQuantBlock + i, 0, 3);
+            __builtin_prefetch(g + kQuantBlock + i, 0, 3);
+          }
           // Adam::update lane-wise, in its operation order (no contraction).
           for (int i = q; i < q + 64; i += 16) {
             __m512 pv = _mm512_loadu_ps(p + i);
