@@ -45,7 +45,12 @@ cases = {
     "adam_8bit_coupled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, maximize=True, state_dtype=torch.uint8)),
     "adamw_8bit_unscaled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
     "adam_8bit_coupled_unscaled": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
+    # Subnormal grads (times 1e-41): exp_avg's absmax is subnormal, so 1 / absmax overflows to
+    # inf and the values to quantize are +-inf or NaN (exp_avg_sq underflows to 0): the fused
+    # loop's search (no binade clamp there) must leave every such lane to the exact path.
+    "adamw_8bit_subnormal": (torch.float32, dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.uint8)),
 }
+tiny = {"adamw_8bit_subnormal": 1e-41}
 # Cases stepped with GradScaler-style scaled grads (grad_scale), plus one skipped step (found_inf).
 scaled = {"adam_bf16_coupled_amsgrad_maximize": 2.0 ** 10, "adamw_bf16_sr_bf16state": 2.0 ** 8,
           "adamw_8bit_plain": 2.0 ** 6}
@@ -55,7 +60,7 @@ for name, (dtype, kw) in cases.items():
     opt = (fusedopt.Adam if name.startswith("adam_") else fusedopt.AdamW)(ps, **kw)
     for k in range(3):
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            p.grad = torch.randn(p.shape, generator=g).to(dtype) * tiny.get(name, 1.0)
         if name in scaled:
             for p in ps:
                 p.grad *= scaled[name]
