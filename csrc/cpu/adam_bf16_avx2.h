@@ -5,8 +5,9 @@
 // instructions this one emulates).
 //
 // Bits equal the generic loop's, element for element: the math is adam.h's update in its
-// operation order with separate multiplies and adds (the build has -ffp-contract=off; never
-// an FMA intrinsic), IEEE divide and square root, and the roundings of precision.h
+// operation order, its fused multiply-adds as FMA intrinsics and every other multiply and add
+// separate (the build has -ffp-contract=off: the compiler fuses nothing itself), IEEE divide
+// and square root, and the roundings of precision.h
 // (round-to-nearest-even, stochastic rounding with the same hash and bits, the Kahan store).
 // Precisions: plain, stochastic, Kahan and master weights; states bf16 or fp32.
 //
@@ -162,8 +163,8 @@ void update(__m256& p, __m256 g, __m256& m, __m256& v, __m256& vmax, const Vecto
   if constexpr (SCALED) g = _mm256_mul_ps(g, k.grad_factor);
   if constexpr (DECAY == Decay::kCoupled) g = _mm256_add_ps(g, _mm256_mul_ps(k.coupled_wd, p));
   if constexpr (DECAY == Decay::kFactor) p = _mm256_mul_ps(p, k.decay_factor);
-  m = _mm256_add_ps(m, _mm256_mul_ps(k.one_minus_beta1, _mm256_sub_ps(g, m)));
-  v = _mm256_add_ps(_mm256_mul_ps(k.beta2, v), _mm256_mul_ps(k.one_minus_beta2, _mm256_mul_ps(g, g)));
+  m = _mm256_fmadd_ps(k.one_minus_beta1, _mm256_sub_ps(g, m), m);
+  v = _mm256_fmadd_ps(k.beta2, v, _mm256_mul_ps(k.one_minus_beta2, _mm256_mul_ps(g, g)));
   __m256 second = v;
   if constexpr (AMSGRAD) {
     // Adam::nan_max(vmax, v): v when v is NaN or greater, else vmax.
@@ -171,8 +172,8 @@ void update(__m256& p, __m256 g, __m256& m, __m256& v, __m256& vmax, const Vecto
     vmax = _mm256_blendv_ps(vmax, v, take_v);
     second = vmax;
   }
-  const __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(second), k.inv_bc2_sqrt), k.eps);
-  p = _mm256_sub_ps(p, _mm256_mul_ps(k.step_size, _mm256_div_ps(m, denom)));
+  const __m256 denom = _mm256_fmadd_ps(_mm256_sqrt_ps(second), k.inv_bc2_sqrt, k.eps);
+  p = _mm256_fnmadd_ps(k.step_size, _mm256_div_ps(m, denom), p);
 }
 
 // Whole blocks of a piece of n elements; returns how many elements were updated. SCALED,

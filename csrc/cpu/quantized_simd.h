@@ -360,7 +360,7 @@ class RegisterCodec {
             __builtin_prefetch(p + kQuantBlock + i, 0, 3);
             __builtin_prefetch(g + kQuantBlock + i, 0, 3);
           }
-          // Adam::update lane-wise, in its operation order (no contraction).
+          // Adam::update lane-wise, in its operation order (its fused multiply-adds, no others).
           for (int i = q; i < q + 64; i += 16) {
             __m512 pv = _mm512_loadu_ps(p + i);
             __m512 gv = _mm512_loadu_ps(g + i);
@@ -371,11 +371,10 @@ class RegisterCodec {
             if constexpr (COUPLED) gv = _mm512_add_ps(gv, _mm512_mul_ps(coupled_wd, pv));
             pv = _mm512_mul_ps(pv, decay);
             __m512 mv = _mm512_load_ps(m + i);
-            mv = _mm512_add_ps(mv, _mm512_mul_ps(one_minus_beta1, _mm512_sub_ps(gv, mv)));
-            __m512 vv = _mm512_add_ps(_mm512_mul_ps(beta2, _mm512_load_ps(v + i)),
-                                      _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gv, gv)));
-            const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vv), inv_bc2), eps);
-            pv = _mm512_sub_ps(pv, _mm512_mul_ps(step_size, _mm512_div_ps(mv, denom)));
+            mv = _mm512_fmadd_ps(one_minus_beta1, _mm512_sub_ps(gv, mv), mv);
+            __m512 vv = _mm512_fmadd_ps(beta2, _mm512_load_ps(v + i), _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gv, gv)));
+            const __m512 denom = _mm512_fmadd_ps(_mm512_sqrt_ps(vv), inv_bc2, eps);
+            pv = _mm512_fnmadd_ps(step_size, _mm512_div_ps(mv, denom), pv);
             _mm512_storeu_ps(p + i, pv);
             _mm512_store_ps(m + i, mv);
             _mm512_store_ps(v + i, vv);
