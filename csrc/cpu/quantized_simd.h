@@ -443,7 +443,9 @@ class RegisterCodec {
     if (!all_sure(sure, masks)) fix_unsure<PREC>(maps, k, v, inv, c, n, sure, random);
   }
 
-  // The lanes the search was not sure of (of the first n), by quantize_code.
+  // The lanes the search was not sure of, by quantize_code: n elements, whose masks count
+  // the lanes past n (the last vector's tail) as sure (quantize_with sets them so, for
+  // all_sure too; adam_blocks' blocks are whole).
   template <Precision PREC>
   static void fix_unsure(const float* maps, int k, const float* __restrict__ v, float inv, uint8_t* __restrict__ c,
                          int n, const __mmask16* sure, const uint32_t* random) {
@@ -451,7 +453,7 @@ class RegisterCodec {
     const int32_t* base = quant_base(maps, k);
     const float* threshold = quant_threshold(maps, k);
     for (int j = 0; j < (n + 15) / 16; ++j)
-      for (unsigned m = ~unsigned(sure[j]) & tail_mask(n - 16 * j); m != 0; m &= m - 1) {
+      for (unsigned m = ~unsigned(sure[j]) & 0xFFFFu; m != 0; m &= m - 1) {
         const int i = 16 * j + __builtin_ctz(m);
         const float x = v[i] * inv;
         c[i] = uint8_t(PREC == Precision::kStochastic ? quantize_code<true>(map, base, threshold, x, random[i])

@@ -1,4 +1,5 @@
-// Adam / AdamW: the scalar update of one element, in torch.optim's operation order. Both
+// Adam / AdamW: the scalar update of one element, in torch.optim's operation order (with
+// fused multiply-adds where a product meets a sum, see update). Both
 // backends run it through step_element (element.h); nothing else in the project knows Adam's
 // math. This is the pattern every algorithm of algorithms.h follows.
 //
